@@ -1,0 +1,57 @@
+"""eventfn: plain async functions that react to queues, topics, streams and domain events.
+
+>>> app = eventfn.App("shop")
+>>> @app.on_event(OrderAccepted, group="reserve-inventory")
+... async def reserve_inventory(event: OrderAccepted) -> None: ...
+"""
+
+from eventfn.app import App
+from eventfn.brokers.base import Broker, DeadLetterRecord, Delivery, SubscriptionRef
+from eventfn.context import Context
+from eventfn.events import Envelope, event_type
+from eventfn.exceptions import (
+    BrokerError,
+    BrokerUnavailable,
+    ConfigurationError,
+    DeadLetter,
+    DecodeError,
+    Drop,
+    EventfnError,
+    InvalidDestination,
+    PayloadTooLarge,
+    PublishError,
+    RegistrationError,
+    UnknownBrokerError,
+    UnknownDestination,
+)
+from eventfn.retry import Retry
+from eventfn.runtime.runner import Runner, Summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "Broker",
+    "BrokerError",
+    "BrokerUnavailable",
+    "ConfigurationError",
+    "Context",
+    "DeadLetter",
+    "DeadLetterRecord",
+    "DecodeError",
+    "Delivery",
+    "Drop",
+    "Envelope",
+    "EventfnError",
+    "InvalidDestination",
+    "PayloadTooLarge",
+    "PublishError",
+    "RegistrationError",
+    "Retry",
+    "Runner",
+    "SubscriptionRef",
+    "Summary",
+    "UnknownBrokerError",
+    "UnknownDestination",
+    "event_type",
+]

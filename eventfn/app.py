@@ -1,0 +1,407 @@
+"""``App``: the registry of handlers, their decorators, and publishing."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import anyio
+import msgspec
+
+from eventfn import context as _context
+from eventfn.brokers import DEFAULT_URL, Broker, OutgoingMessage, from_url
+from eventfn.events import (
+    DEFAULT_MAX_PAYLOAD,
+    Envelope,
+    encode_data,
+    encode_envelope,
+    event_type,
+    new_id,
+    now_rfc3339,
+)
+from eventfn.exceptions import ConfigurationError, RegistrationError
+from eventfn.retry import Retry
+from eventfn.subscriptions import (
+    KeyFunc,
+    Subscription,
+    Trigger,
+    check_name,
+    handler_name,
+    key_func,
+    make_ref,
+)
+
+H = TypeVar("H", bound=Callable[..., Any])
+
+DEFAULT_PARTITIONS = 16
+
+
+class App:
+    """An eventfn application: handlers registered by decorators, and a way to publish.
+
+    >>> app = eventfn.App("shop")
+    >>> @app.on_queue("emails")
+    ... async def send(email: Email) -> None: ...
+
+    Args:
+        name: the app's name; the CloudEvents ``source`` of what it publishes is ``/name``.
+        broker: broker URL used when neither ``--broker`` nor ``EVENTFN_BROKER`` says otherwise.
+        event_bus: the topic that carries the domain events of ``on_event`` and ``emit``.
+        retry: the default retry policy of every handler (a handler's own ``retry=`` wins).
+        concurrency: the default per-handler concurrency limit (``None``: only the runner's).
+        timeout: the default handler timeout in seconds (``None``: no timeout).
+        max_payload: the largest encoded envelope accepted by ``publish``, in bytes.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        broker: str | None = None,
+        event_bus: str = "events",
+        retry: Retry | None = None,
+        concurrency: int | None = None,
+        timeout: float | None = None,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+    ) -> None:
+        self.name = check_name(name, "app")
+        self.source = f"/{name}"
+        self.broker_url = broker
+        self.event_bus = check_name(event_bus, "event bus")
+        self.retry = retry or Retry()
+        self.concurrency = _positive(concurrency, "concurrency", "App")
+        self.timeout = _positive(timeout, "timeout", "App")
+        self.max_payload = max_payload
+        self.subscriptions: list[Subscription] = []
+        self._stream_keys: dict[str, KeyFunc] = {}
+        self._broker: Broker | None = None
+        self._owns_broker = False
+        self._connect_lock = anyio.Lock()
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r}, subscriptions={len(self.subscriptions)})"
+
+    # -- registration ---------------------------------------------------------------------
+
+    def on_queue(
+        self,
+        name: str,
+        *,
+        concurrency: int | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+    ) -> Callable[[H], H]:
+        """Handle work from a queue: each message goes to one consumer among all runners.
+
+        >>> @app.on_queue("thumbnails", concurrency=8, retry=eventfn.Retry(attempts=3))
+        ... async def make_thumbnail(job: Thumbnail) -> None: ...
+        """
+        return self._decorator(
+            "queue", name, None, concurrency=concurrency, retry=retry, timeout=timeout
+        )
+
+    def on_topic(
+        self,
+        name: str,
+        *,
+        group: str | None = None,
+        concurrency: int | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+    ) -> Callable[[H], H]:
+        """Handle facts from a topic: every group gets its own copy, retries and dead letters.
+
+        ``group`` defaults to the handler's name with ``_`` as ``-``; name it explicitly in
+        production, since a renamed group starts again at new messages.
+
+        >>> @app.on_topic("order-events", group="send-customer-email")
+        ... async def email(order: OrderAccepted) -> None: ...
+        """
+        return self._decorator(
+            "topic", name, group, concurrency=concurrency, retry=retry, timeout=timeout
+        )
+
+    def on_stream(
+        self,
+        name: str,
+        *,
+        key: str | KeyFunc | None = None,
+        group: str | None = None,
+        partitions: int = DEFAULT_PARTITIONS,
+        concurrency: int | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+    ) -> Callable[[H], H]:
+        """Handle an ordered stream: records of one key one at a time, in publish order.
+
+        ``key`` (an attribute name or a function of the event) gives the partition key of
+        records this app publishes to the stream without an explicit ``key=``.
+
+        >>> @app.on_stream("clicks", key="user_id", group="sessionize")
+        ... async def sessionize(click: Click) -> None: ...
+        """
+        keyfn = key_func(key, f"on_stream({name!r})")
+        if keyfn is not None:
+            self._stream_keys[name] = keyfn
+        return self._decorator(
+            "stream",
+            name,
+            group,
+            concurrency=concurrency,
+            retry=retry,
+            timeout=timeout,
+            key=keyfn,
+            partitions=partitions,
+        )
+
+    def on_event(
+        self,
+        event: type[Any],
+        *,
+        group: str | None = None,
+        concurrency: int | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+    ) -> Callable[[H], H]:
+        """Handle a domain event (a ``msgspec.Struct``) from the app's event bus.
+
+        >>> @app.on_event(OrderAccepted, group="reserve-inventory")
+        ... async def reserve(event: OrderAccepted) -> None: ...
+        """
+        if not (isinstance(event, type) and issubclass(event, msgspec.Struct)):
+            raise RegistrationError(
+                f"on_event({event!r}): the event must be a msgspec.Struct class; "
+                "define it as `class OrderAccepted(msgspec.Struct): ...`"
+            )
+        return self._decorator(
+            "event",
+            self.event_bus,
+            group,
+            concurrency=concurrency,
+            retry=retry,
+            timeout=timeout,
+            types=(event_type(event),),
+            event=event,
+        )
+
+    def _decorator(
+        self,
+        trigger: Trigger,
+        destination: str,
+        group: str | None,
+        *,
+        concurrency: int | None,
+        retry: Retry | None,
+        timeout: float | None,
+        key: KeyFunc | None = None,
+        partitions: int = 1,
+        types: tuple[str, ...] | None = None,
+        event: type[Any] | None = None,
+    ) -> Callable[[H], H]:
+        check_name(destination, "destination")
+        if group is not None:
+            check_name(group, "group")
+
+        def register(fn: H) -> H:
+            name = handler_name(fn)
+            where = f"handler {name}"
+            chosen = group
+            if trigger != "queue" and group is None:
+                chosen = fn.__name__.replace("_", "-")
+            sub = Subscription(
+                trigger=trigger,
+                ref=make_ref(trigger, destination, chosen, types=types, partitions=partitions),
+                handler=fn,
+                retry=_policy(retry, where) or self.retry,
+                concurrency=_positive(concurrency, "concurrency", where) or self.concurrency,
+                timeout=_positive(timeout, "timeout", where) or self.timeout,
+                key=key,
+            )
+            if event is not None and sub.data_type not in (None, event):
+                raise RegistrationError(
+                    f"{where} subscribes to {event.__name__} but its event parameter is "
+                    f"{sub.data_type!r}; annotate it as {event.__name__}"
+                )
+            self._add(sub)
+            return fn
+
+        return register
+
+    def _add(self, sub: Subscription) -> None:
+        for other in self.subscriptions:
+            if other.ref.name == sub.ref.name:
+                fix = (
+                    "a queue has one handler; use a topic for several reactions"
+                    if sub.ref.kind == "queue"
+                    else "give each handler its own group="
+                )
+                raise RegistrationError(
+                    f"handler {sub.name}: {sub.ref.name!r} is already handled by "
+                    f"{other.name}; {fix}"
+                )
+            if other.ref.destination == sub.ref.destination and other.ref.kind != sub.ref.kind:
+                raise RegistrationError(
+                    f"handler {sub.name}: {sub.ref.destination!r} is a {other.ref.kind} "
+                    f"(handled by {other.name}), not a {sub.ref.kind}; use another name"
+                )
+        self.subscriptions.append(sub)
+
+    # -- broker -----------------------------------------------------------------------------
+
+    def resolve_url(self, url: str | None = None) -> str:
+        """The broker URL: ``url``, else ``EVENTFN_BROKER``, else ``App(broker=)``, else default."""
+        return url or os.environ.get("EVENTFN_BROKER") or self.broker_url or DEFAULT_URL
+
+    @property
+    def broker(self) -> Broker:
+        """The connected broker (raises if the app is not connected)."""
+        if self._broker is None:
+            raise ConfigurationError(
+                f"app {self.name!r} is not connected to a broker; use `async with app:` "
+                "or `await app.connect()`, or run it with `eventfn run`"
+            )
+        return self._broker
+
+    async def connect(self, url: str | Broker | None = None) -> Broker:
+        """Connect to the broker (once) and declare this app's subscriptions on it."""
+        async with self._connect_lock:
+            if self._broker is not None:
+                return self._broker
+            if isinstance(url, Broker):
+                broker = url
+            else:
+                broker = from_url(self.resolve_url(url))
+                await broker.connect()
+                self._owns_broker = True
+            await self.declare(broker)
+            self._broker = broker
+            return broker
+
+    async def declare(self, broker: Broker | None = None) -> None:
+        """Create this app's destinations and subscriptions on the broker (idempotent)."""
+        await (broker or self.broker).declare([sub.ref for sub in self.subscriptions])
+
+    async def close(self) -> None:
+        """Close the broker connection if this app opened it."""
+        broker, self._broker = self._broker, None
+        if broker is not None and self._owns_broker:
+            await broker.close()
+        self._owns_broker = False
+
+    async def __aenter__(self) -> App:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def message(
+        self,
+        destination: str,
+        data: Any,
+        *,
+        type: str | None = None,
+        key: str | None = None,
+        subject: str | None = None,
+        id: str | None = None,
+        delay: float = 0.0,
+        now: float | None = None,
+    ) -> OutgoingMessage:
+        """Build (and check) the message ``publish`` would send, without sending it."""
+        check_name(destination, "destination")
+        published_at = self._broker.clock() if now is None and self._broker else now
+        published_at = published_at if published_at is not None else _time()
+        if key is None and destination in self._stream_keys:
+            key = self._stream_keys[destination](data)
+        if type is None:
+            type = event_type(data.__class__) if isinstance(data, msgspec.Struct) else "message"
+        raw, b64, content_type = encode_data(data)
+        envelope = Envelope(
+            specversion="1.0",
+            id=id or new_id(published_at),
+            source=self.source,
+            type=type,
+            time=now_rfc3339(published_at),
+            subject=subject,
+            datacontenttype=content_type,
+            data=raw,
+            data_base64=b64,
+            partitionkey=key,
+        )
+        return OutgoingMessage(
+            destination=destination,
+            id=envelope.id,
+            type=type,
+            body=encode_envelope(envelope, self.max_payload),
+            key=key,
+            published_at=published_at,
+            delay=delay,
+        )
+
+    async def publish(
+        self,
+        destination: str,
+        data: Any,
+        *,
+        type: str | None = None,
+        key: str | None = None,
+        subject: str | None = None,
+        id: str | None = None,
+        delay: float = 0.0,
+    ) -> str:
+        """Publish ``data`` to a queue, topic or stream; returns the message id.
+
+        Inside a handler the message is held back and published only if the handler succeeds.
+
+        >>> await app.publish("order-events", {"orderId": "o1"}, type="order.accepted")
+        """
+        message = self.message(
+            destination, data, type=type, key=key, subject=subject, id=id, delay=delay
+        )
+        ctx = _context.current()
+        if ctx is not None:
+            ctx.emitted.append(message)
+        else:
+            await self.publish_many([message])
+        return message.id
+
+    async def publish_many(self, messages: Iterable[OutgoingMessage]) -> None:
+        """Publish messages built with :meth:`message` in one batch."""
+        broker = self._broker or await self.connect()
+        await broker.publish(list(messages))
+
+    async def emit(self, event: Any, *, key: str | None = None, subject: str | None = None) -> str:
+        """Publish a domain event (a ``msgspec.Struct``) on the app's event bus.
+
+        >>> await app.emit(OrderAccepted(order_id="o1", customer_id="c1"))
+        """
+        if not isinstance(event, msgspec.Struct):
+            raise TypeError(
+                f"emit() takes a msgspec.Struct event, not {event.__class__.__name__}; "
+                "use publish() for other payloads"
+            )
+        return await self.publish(self.event_bus, event, key=key, subject=subject)
+
+
+def _time() -> float:
+    import time
+
+    return time.time()
+
+
+def _positive(value: float | None, what: str, where: str) -> Any:
+    if value is not None and (isinstance(value, bool) or value <= 0):
+        raise RegistrationError(f"{where}: {what}={value!r} must be a positive number or None")
+    return value
+
+
+def _policy(retry: Retry | None, where: str) -> Retry | None:
+    if retry is not None and (not isinstance(retry, Retry) or retry.after is not None):
+        raise RegistrationError(
+            f"{where}: retry= takes a policy such as eventfn.Retry(attempts=5, backoff=1.0); "
+            "Retry(after=...) is raised from inside a handler"
+        )
+    return retry

@@ -1,0 +1,77 @@
+"""Middleware: small async wrappers around the handler call, composed once at start-up.
+
+A middleware is a callable ``(call_next, subscription) -> call``; the runner builds each
+subscription's chain with :func:`build_chain`, outermost first, and never changes it after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from eventfn.brokers.base import Delivery
+from eventfn.context import Context
+from eventfn.events import Envelope
+
+if TYPE_CHECKING:
+    from eventfn.subscriptions import Subscription
+
+
+class Invocation:
+    """One call of a handler: the decoded arguments and what they came from."""
+
+    __slots__ = ("args", "context", "delivery", "envelope", "subscription")
+
+    def __init__(
+        self,
+        subscription: Subscription,
+        delivery: Delivery,
+        envelope: Envelope,
+        args: list[Any],
+        context: Context,
+    ) -> None:
+        self.subscription = subscription
+        self.delivery = delivery
+        self.envelope = envelope
+        self.args = args
+        self.context = context
+
+
+Call = Callable[[Invocation], Awaitable[Any]]
+Middleware = Callable[[Call, "Subscription"], Call]
+
+
+def handler_call(subscription: Subscription) -> Call:
+    """The innermost call: the user's handler with its decoded arguments."""
+    handler = subscription.handler
+
+    async def call(invocation: Invocation) -> Any:
+        return await handler(*invocation.args)
+
+    return call
+
+
+def timeout(call_next: Call, subscription: Subscription) -> Call:
+    """Fail a handler that runs longer than its ``timeout`` with ``TimeoutError``."""
+    limit = subscription.timeout
+    if limit is None:
+        return call_next
+
+    async def call(invocation: Invocation) -> Any:
+        with anyio.fail_after(limit):
+            return await call_next(invocation)
+
+    return call
+
+
+DEFAULT_MIDDLEWARE: tuple[Middleware, ...] = (timeout,)
+
+
+def build_chain(subscription: Subscription, middleware: Sequence[Middleware]) -> Call:
+    """Compose ``middleware`` (outermost first) around the handler call."""
+    call = handler_call(subscription)
+    for layer in reversed(middleware):
+        call = layer(call, subscription)
+    return call

@@ -1,0 +1,137 @@
+"""One delivery to one settlement: decode, invoke, classify. Each step testable alone."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable, Sequence
+
+import msgspec
+
+from eventfn import context as _context
+from eventfn.app import App
+from eventfn.brokers.base import Delivery, Failure, Settlement
+from eventfn.context import Context
+from eventfn.events import decode_envelope
+from eventfn.exceptions import DeadLetter, DecodeError, Drop
+from eventfn.middleware import Invocation, Middleware, build_chain
+from eventfn.retry import Retry
+from eventfn.subscriptions import Subscription
+
+log = logging.getLogger("eventfn.runner")
+
+
+class Counters(msgspec.Struct):
+    """Outcomes of one subscription since the runner started."""
+
+    handled: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    dropped: int = 0
+    released: int = 0
+
+
+class Processor:
+    """Runs one subscription's handler on a delivery and says how to settle it."""
+
+    def __init__(
+        self,
+        app: App,
+        subscription: Subscription,
+        middleware: Sequence[Middleware],
+        clock: Callable[[], float],
+    ) -> None:
+        self.app = app
+        self.subscription = subscription
+        self.name = subscription.ref.name
+        self.call = build_chain(subscription, middleware)
+        self.retry = subscription.retry
+        self.clock = clock
+        self.counters = Counters()
+
+    async def __call__(self, delivery: Delivery) -> Settlement:
+        try:
+            envelope = decode_envelope(delivery.body)
+            ctx = Context(self.app, self.name, delivery, envelope)
+            args = self.subscription.build_args(envelope, ctx)
+        except DecodeError as exc:
+            return self._dead(delivery, exc, poison=True)
+        token = _context._current.set(ctx)
+        try:
+            await self.call(Invocation(self.subscription, delivery, envelope, args, ctx))
+        except Drop as exc:
+            return self._drop(delivery, exc)
+        except DeadLetter as exc:
+            return self._dead(delivery, exc)
+        except Exception as exc:
+            return self._failed(delivery, exc)
+        finally:
+            _context._current.reset(token)
+        self.counters.handled += 1
+        if log.isEnabledFor(logging.INFO):
+            log.info("handled %s id=%s attempt=%d", self.name, delivery.id, delivery.attempt)
+        return Settlement(delivery=delivery, outcome="ack", emitted=tuple(ctx.emitted))
+
+    def _failure(self, exc: BaseException, *, with_traceback: bool = True) -> Failure:
+        text = "".join(traceback.format_exception(exc)) if with_traceback else ""
+        return Failure(
+            error_type=_qualified(exc), message=str(exc), traceback=text, at=self.clock()
+        )
+
+    def _failed(self, delivery: Delivery, exc: Exception) -> Settlement:
+        if isinstance(exc, Retry):
+            verdict = "retry" if delivery.attempt < self.retry.attempts else "dead"
+            delay = exc.after if exc.after is not None else self.retry.delay(delivery.attempt)
+        else:
+            verdict = self.retry.classify(exc, delivery.attempt)
+            delay = self.retry.delay(delivery.attempt)
+        if verdict == "dead":
+            return self._dead(delivery, exc)
+        self.counters.retried += 1
+        log.warning(
+            "retry %s id=%s attempt=%d in %.2fs: %s: %s",
+            self.name,
+            delivery.id,
+            delivery.attempt,
+            delay,
+            _qualified(exc),
+            exc,
+        )
+        return Settlement(
+            delivery=delivery, outcome="retry", delay=delay, failure=self._failure(exc)
+        )
+
+    def _dead(self, delivery: Delivery, exc: BaseException, *, poison: bool = False) -> Settlement:
+        self.counters.dead_lettered += 1
+        log.error(
+            "dead-letter %s id=%s attempt=%d%s: %s: %s",
+            self.name,
+            delivery.id,
+            delivery.attempt,
+            " (poison)" if poison else "",
+            _qualified(exc),
+            exc,
+        )
+        return Settlement(
+            delivery=delivery,
+            outcome="dead",
+            failure=self._failure(exc, with_traceback=not poison),
+        )
+
+    def _drop(self, delivery: Delivery, exc: Drop) -> Settlement:
+        self.counters.dropped += 1
+        log.info("dropped %s id=%s: %s", self.name, delivery.id, exc.reason)
+        return Settlement(delivery=delivery, outcome="ack")
+
+    def release(self, delivery: Delivery) -> Settlement:
+        """Give a delivery back unstarted (or cancelled at shutdown), no attempt counted."""
+        self.counters.released += 1
+        return Settlement(delivery=delivery, outcome="release")
+
+
+def _qualified(exc: BaseException) -> str:
+    cls = type(exc)
+    module = cls.__module__
+    return (
+        cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
+    )

@@ -1,0 +1,237 @@
+"""What each decorator produces: a :class:`Subscription`, checked when it is registered.
+
+Registration mistakes fail at import time with a message that names the handler and the fix,
+so a runner never starts with a handler it cannot call.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+import msgspec
+
+from eventfn.brokers.base import Kind, SubscriptionRef
+from eventfn.context import Context
+from eventfn.events import Envelope
+from eventfn.exceptions import DecodeError, InvalidDestination, RegistrationError
+from eventfn.retry import Retry
+
+Trigger = Literal["queue", "topic", "stream", "event"]
+Handler = Callable[..., Awaitable[Any]]
+KeyFunc = Callable[[Any], str | None]
+ArgBuilder = Callable[[Envelope, Context | None], list[Any]]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
+
+
+def check_name(name: str, what: str) -> str:
+    """Refuse a destination or group name that not every broker can carry."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidDestination(
+            f"{what} name {name!r} is not allowed: use 1-200 characters of letters, digits, "
+            "'.', '_', ':' and '-', starting with a letter or digit"
+        )
+    return name
+
+
+def handler_name(fn: Callable[..., Any]) -> str:
+    """``module.qualname`` of a handler, as shown in errors and ``eventfn inspect``."""
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+class Subscription:
+    """One registered handler and everything the runner needs to drive it."""
+
+    __slots__ = (
+        "build_args",
+        "concurrency",
+        "data_type",
+        "handler",
+        "key",
+        "name",
+        "ref",
+        "retry",
+        "timeout",
+        "trigger",
+        "wants_context",
+    )
+
+    def __init__(
+        self,
+        *,
+        trigger: Trigger,
+        ref: SubscriptionRef,
+        handler: Handler,
+        retry: Retry,
+        concurrency: int | None,
+        timeout: float | None,
+        key: KeyFunc | None = None,
+    ) -> None:
+        self.trigger = trigger
+        self.ref = ref
+        self.handler = handler
+        self.name = handler_name(handler)
+        self.retry = retry
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.key = key
+        plan = _plan(handler, self.name)
+        self.data_type: Any = plan.data_type
+        self.wants_context = plan.wants_context
+        self.build_args: ArgBuilder = plan.build
+
+    def describe(self) -> dict[str, Any]:
+        """A plain summary, as ``eventfn inspect`` prints it."""
+        return {
+            "trigger": self.trigger,
+            "destination": self.ref.destination,
+            "kind": self.ref.kind,
+            "group": self.ref.group,
+            "subscription": self.ref.name,
+            "types": list(self.ref.types) if self.ref.types else None,
+            "handler": self.name,
+            "concurrency": self.concurrency,
+            "timeout": self.timeout,
+            "retry": repr(self.retry),
+        }
+
+
+class _Plan:
+    def __init__(self, data_type: Any, wants_context: bool, build: ArgBuilder) -> None:
+        self.data_type = data_type
+        self.wants_context = wants_context
+        self.build = build
+
+
+def _plan(fn: Handler, name: str) -> _Plan:
+    if not inspect.iscoroutinefunction(fn):
+        raise RegistrationError(
+            f"handler {name} is not an async function; write it as `async def` "
+            "(run blocking work with `await anyio.to_thread.run_sync(...)` inside it)"
+        )
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as exc:
+        raise RegistrationError(
+            f"handler {name}: its annotations cannot be resolved ({exc}); import the types "
+            "it names at module level"
+        ) from None
+    params = list(inspect.signature(fn).parameters.values())
+    steps: list[Callable[[Envelope, Context | None], Any]] = []
+    data_type: Any = None
+    wants_context = False
+    for param in params:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.KEYWORD_ONLY):
+            raise RegistrationError(
+                f"handler {name}: parameter {param.name!r} must be a plain positional parameter"
+            )
+        if param.name not in hints:
+            raise RegistrationError(
+                f"handler {name}: parameter {param.name!r} has no annotation; annotate it with "
+                "the event type (a msgspec.Struct), eventfn.Envelope, bytes or eventfn.Context"
+            )
+        hint = hints[param.name]
+        step, is_data = _step_for(hint, name, param.name)
+        if hint is Context:
+            wants_context = True
+        if is_data:
+            if data_type is not None:
+                raise RegistrationError(
+                    f"handler {name}: more than one event parameter ({param.name!r}); a handler "
+                    "receives one event, plus optionally Envelope, bytes and Context"
+                )
+            data_type = hint
+        steps.append(step)
+    return _Plan(data_type, wants_context, _builder(steps))
+
+
+def _builder(steps: list[Callable[[Envelope, Context | None], Any]]) -> ArgBuilder:
+    if len(steps) == 1:
+        (only,) = steps
+        return lambda envelope, ctx: [only(envelope, ctx)]
+    return lambda envelope, ctx: [step(envelope, ctx) for step in steps]
+
+
+def _step_for(hint: Any, name: str, param: str) -> tuple[Callable[[Envelope, Any], Any], bool]:
+    if hint is Context:
+        return (lambda envelope, ctx: ctx), False
+    if hint is Envelope:
+        return (lambda envelope, ctx: envelope), False
+    if hint is bytes:
+        return (lambda envelope, ctx: envelope.payload_bytes()), False
+    if _decodable(hint):
+        return _data_step(msgspec.json.Decoder(hint)), True
+    raise RegistrationError(
+        f"handler {name}: parameter {param!r} is annotated {hint!r}, which eventfn cannot "
+        "supply; use a msgspec.Struct (or dict/list of JSON types), eventfn.Envelope, bytes "
+        "or eventfn.Context"
+    )
+
+
+def _decodable(hint: Any) -> bool:
+    origin = typing.get_origin(hint) or hint
+    if isinstance(origin, type) and issubclass(origin, msgspec.Struct | dict | list):
+        try:
+            msgspec.json.Decoder(hint)
+        except TypeError:
+            return False
+        return True
+    return False
+
+
+def _data_step(decoder: msgspec.json.Decoder[Any]) -> Callable[[Envelope, Any], Any]:
+    def decode(envelope: Envelope, ctx: Any) -> Any:
+        if not envelope.data:
+            raise DecodeError(
+                f"event {envelope.id} of type {envelope.type!r} has no JSON data "
+                f"(datacontenttype {envelope.datacontenttype!r}); annotate the parameter as "
+                "bytes to receive binary payloads"
+            )
+        try:
+            return decoder.decode(envelope.data)
+        except msgspec.DecodeError as exc:
+            raise DecodeError(f"payload does not match {decoder.type!r}: {exc}") from None
+
+    return decode
+
+
+def make_ref(
+    trigger: Trigger,
+    destination: str,
+    group: str | None,
+    *,
+    types: tuple[str, ...] | None = None,
+    partitions: int = 1,
+) -> SubscriptionRef:
+    """The broker-side description of a subscription."""
+    kind: Kind = "topic" if trigger == "event" else trigger
+    check_name(destination, "destination")
+    if kind == "queue":
+        return SubscriptionRef(destination=destination, kind="queue")
+    if group is None:
+        raise RegistrationError("a group is required")
+    check_name(group, "group")
+    return SubscriptionRef(
+        destination=destination, kind=kind, group=group, types=types, partitions=partitions
+    )
+
+
+def key_func(key: str | KeyFunc | None, name: str) -> KeyFunc | None:
+    """A stream's key: an attribute (or mapping key) name, or a function of the event."""
+    if key is None or callable(key):
+        return key
+    if isinstance(key, str) and key:
+        attr = key
+
+        def get(event: Any) -> str | None:
+            value = event.get(attr) if isinstance(event, dict) else getattr(event, attr, None)
+            return None if value is None else str(value)
+
+        return get
+    raise RegistrationError(
+        f"handler {name}: key={key!r} must be an attribute name or a function of the event"
+    )
