@@ -68,19 +68,19 @@ BrokerFactory = Callable[[], Broker]
 DEFAULT_LEASE = 0.3
 """Seconds of the short leases and retry delays that expiry checks wait out."""
 
-_HOLD = 120.0
 # A lease no check outlives: only the expiry checks ever see a lease run out.
-_DEADLINE = 20.0
+_HOLD = 120.0
 # How long a check waits for something it expects before it fails.
+_DEADLINE = 20.0
+# ``wait`` of each fetch while a check collects deliveries; also the grace given to a broker that
+# might misdeliver a little late (a replay, a fan-out) before a check says that nothing came.
 _POLL = 0.2
-# ``wait`` of each fetch while a check collects deliveries, and the grace given to a broker that
-# might misdeliver a little late (a replay, a fan-out) before a check says nothing came.
+# Clock granularity between the kit and a broker (a remote server, times kept in ms): a delivery
+# less than this before it was due is not counted as early.
 _SLACK = 0.05
-# Clock granularity between the kit and a broker (a remote server, times stored in ms): a
-# delivery this much before it was due is not counted as early.
 _TYPE = "conformance.checked"
-_NOTE = "grüße ✓"
 # Non-ASCII text in every body, so that a broker that re-encodes bodies shows itself.
+_NOTE = "grüße ✓"
 
 
 class Check(Protocol):
@@ -151,9 +151,9 @@ async def _run(check: Check, make_broker: BrokerFactory, lease: float) -> Except
 def _describe(error: BaseException) -> str:
     if isinstance(error, BaseExceptionGroup):
         return "; ".join(_describe(inner) for inner in error.exceptions)
-    return (
-        f"{type(error).__name__}: {error}" if not isinstance(error, AssertionError) else str(error)
-    )
+    if isinstance(error, AssertionError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"  # a broker that crashed rather than misbehaved
 
 
 # -- helpers: names, messages, sessions ----------------------------------------------------------
@@ -229,7 +229,8 @@ async def _session(
 
 
 @contextlib.contextmanager
-def _deadline(what: str, seconds: float = _DEADLINE) -> Iterator[None]:
+def _deadline(what: str, seconds: float | None = None) -> Iterator[None]:
+    seconds = _DEADLINE if seconds is None else seconds
     try:
         with anyio.fail_after(seconds):
             yield
@@ -268,6 +269,12 @@ def _close(a: float | None, b: float | None) -> bool:
     return a is not None and b is not None and abs(a - b) <= 0.001
 
 
+def _assert_delivery(got: Delivery, expected: str, attempt: int, what: str) -> None:
+    assert (got.id, got.attempt) == (expected, attempt), (
+        f"{what}: expected {expected} at attempt {attempt}, got {got.id} at attempt {got.attempt}"
+    )
+
+
 def _assert_not_before(due: float, what: str) -> None:
     """Fail if it is now (``time.monotonic()``) before ``due``: something came early."""
     early = due - time.monotonic()
@@ -282,9 +289,12 @@ async def _take(
 ) -> list[Delivery]:
     """Fetch until ``count`` deliveries have come (never more), under a deadline."""
     got: list[Delivery] = []
-    with _deadline(f"{what} ({len(got)} of {count} came)"):
+    with anyio.move_on_after(_DEADLINE):
         while len(got) < count:
             got += await broker.fetch(ref, count - len(got), lease=lease, wait=_POLL)
+    assert len(got) >= count, (
+        f"timed out after {_DEADLINE:g} s waiting for {what}: {len(got)} of {count} came"
+    )
     assert len(got) == count, f"fetch returned more than its limit while waiting for {what}"
     return got
 
@@ -347,16 +357,16 @@ async def _record_of(broker: Broker, ref: SubscriptionRef, message_id: str) -> D
 
 
 async def _all_dead_letters(broker: Broker, subscription: str | None) -> list[DeadLetterRecord]:
-    """Every record in state ``dead``, page by page (100 pages at most, to end a broken loop)."""
+    """Every record in state ``dead``, page by page."""
     records: list[DeadLetterRecord] = []
     after: str | None = None
-    for _ in range(100):
-        page = await broker.dead_letters(subscription, limit=50, after=after)
-        if not page:
-            return records
+    while page := await broker.dead_letters(subscription, limit=50, after=after):
+        # A page that repeats a record would make this loop forever.
+        repeated = {r.id for r in records} & {r.id for r in page}
+        assert not repeated, f"dead_letters(after={after!r}) repeats records {sorted(repeated)}"
         records += page
         after = page[-1].id
-    raise AssertionError("dead_letters(after=...) kept returning pages: pagination never ends")
+    return records
 
 
 # -- declare, publish, deliver -------------------------------------------------------------------
@@ -451,7 +461,7 @@ async def check_fetch_returns_oldest_first(
 async def check_fetch_respects_limit(
     make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
 ) -> None:
-    """``fetch`` returns at most ``limit`` deliveries, and at least one when some are ready."""
+    """``fetch`` never returns more than ``limit`` deliveries."""
     ref = _queue("limit")
     async with _session(make_broker, [ref]) as (broker,):
         sent = [_message(broker, ref.destination, f"m{n}") for n in range(5)]
@@ -491,7 +501,10 @@ async def check_fetch_wait_returns_early_on_publish(
 async def check_fetch_wait_returns_empty_after_wait(
     make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
 ) -> None:
-    """With nothing to deliver, ``fetch`` waits ``wait`` seconds (it does not spin), then []."""
+    """With nothing to deliver, ``fetch`` waits ``wait`` seconds, then returns [].
+
+    Returning at once would turn every idle runner's fetch loop into a hot loop.
+    """
     ref = _queue("idle")
     async with _session(make_broker, [ref]) as (broker,):
         started = time.monotonic()
@@ -530,10 +543,9 @@ async def check_close_leaves_other_instances_working(
     ref = _queue("close")
     async with _session(make_broker, [ref]) as (survivor,):
         leaving = make_broker()
-        await leaving.connect()
-        await leaving.publish([_message(leaving, ref.destination, "before")])
-        await leaving.close()
-        await leaving.close()
+        async with leaving:
+            await leaving.publish([_message(leaving, ref.destination, "before")])
+        await leaving.close()  # a second close is harmless
         await survivor.publish([_message(survivor, ref.destination, "after")])
         got = await _take(survivor, ref, 2, what="both messages after another instance closed")
         await _settle(survivor, "ack", *got)
@@ -585,11 +597,12 @@ async def check_queue_each_message_once(
                     group.start_soon(consume, number, broker)
         twice = {i: who for i, who in holders.items() if len(who) > 1}
         assert not twice, f"leased more than once (message: consumers): {twice}"
-        assert set(holders) == set(_ids(sent)), "delivered messages that were never published"
+        lost = set(_ids(sent)) - set(holders)
+        assert not lost, f"never delivered: {sorted(lost)}"
 
 
-_FANOUT: tuple[Kind, ...] = ("topic", "stream")
 # A stream is a topic whose groups keep per-key order, so the topic contracts hold for both.
+_FANOUT: tuple[Kind, ...] = ("topic", "stream")
 
 
 @_check
@@ -659,10 +672,8 @@ async def check_topic_types_filter(
     wanted = "conformance.accepted"
     for kind in _FANOUT:
         destination = _unique("types")
-        every, narrow = (
-            _ref(kind, destination, "every"),
-            _ref(kind, destination, "narrow", (wanted,)),
-        )
+        every = _ref(kind, destination, "every")
+        narrow = _ref(kind, destination, "narrow", (wanted,))
         async with _session(make_broker, [every, narrow]) as (broker,):
             match = _message(broker, destination, "accepted", type=wanted)
             other = _message(broker, destination, "shipped", type="conformance.shipped")
@@ -673,3 +684,495 @@ async def check_topic_types_filter(
             await _expect_none(broker, narrow, f"{narrow.name} takes {wanted} only", wait=_POLL)
             both = await _take(broker, every, 2, what=f"both messages on {every.name}")
             assert sorted(_ids(both)) == sorted([match.id, other.id]), f"got {_ids(both)}"
+
+
+# -- stream: one record per key at a time, in publish order --------------------------------------
+
+
+class _KeyOrder:
+    """What a correct stream lets consumers see: per key, only the next unacked record.
+
+    Consumers report each fetch, and each settle just before they make it (from then on the
+    broker may hand out the key's next record), so a correct broker can never trip it.
+    """
+
+    def __init__(self, sent: Sequence[OutgoingMessage]) -> None:
+        self.key_of = {m.id: m.key for m in sent}
+        self.expected: dict[str | None, list[str]] = defaultdict(list)
+        for message in sent:
+            self.expected[message.key].append(message.id)
+        self.acked: dict[str | None, list[str]] = defaultdict(list)
+        self.leased: dict[str, str] = {}  # key -> id of its record now leased
+        self.violations: list[str] = []
+
+    @property
+    def finished(self) -> bool:
+        done = sum(len(ids) for ids in self.acked.values())
+        return bool(self.violations) or done >= len(self.key_of)
+
+    def fetched(self, delivery: Delivery) -> None:
+        key = self.key_of.get(delivery.id)
+        if key is None:
+            return  # keyless records have no order to keep
+        if key in self.leased:
+            self.violations.append(f"{delivery.id} leased while {self.leased[key]} still was")
+        position = len(self.acked[key])
+        due = self.expected[key][position] if position < len(self.expected[key]) else None
+        if delivery.id != due:
+            self.violations.append(f"{delivery.id} delivered while {due} was the next of {key}")
+        self.leased[key] = delivery.id
+
+    def settling(self, delivery: Delivery, outcome: Outcome) -> None:
+        key = self.key_of.get(delivery.id)
+        if key is not None:
+            self.leased.pop(key, None)
+        if outcome == "ack":
+            self.acked[key].append(delivery.id)
+
+    def problems(self) -> list[str]:
+        problems = list(self.violations)
+        for key, ids in self.expected.items():
+            acked = self.acked[key]
+            as_expected = acked == ids if key is not None else sorted(acked) == sorted(ids)
+            if not as_expected:
+                problems.append(f"key {key}: acked {acked}, published {ids}")
+        return problems
+
+
+async def _consume_in_random_order(
+    broker: Broker, ref: SubscriptionRef, book: _KeyOrder, rng: random.Random
+) -> None:
+    """Hold up to 6 deliveries like a runner's lanes; settle a random few, in random order."""
+    hand: list[Delivery] = []
+    while not book.finished:
+        room = 6 - len(hand)
+        if room:
+            batch = await broker.fetch(ref, room, lease=_HOLD, wait=0 if hand else _POLL)
+            for delivery in batch:
+                book.fetched(delivery)
+            hand += batch
+        rng.shuffle(hand)
+        count = rng.randint(1, min(3, len(hand))) if hand else 0
+        settle_now, hand = hand[:count], hand[count:]
+        for delivery in settle_now:
+            # A first attempt sometimes fails: its retry must still come before the key's next.
+            outcome: Outcome = "retry" if delivery.attempt == 1 and rng.random() < 0.2 else "ack"
+            book.settling(delivery, outcome)
+            await _settle(broker, outcome, delivery)
+            await anyio.lowlevel.checkpoint()  # let the other consumer in between settles
+
+
+@_check
+async def check_stream_key_order_with_two_consumers(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """Two consumers settling in random order (with retries) ack each key's records in order."""
+    ref = _ref("stream", _unique("order"))
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    async with _session(make_broker, [ref], 3) as (publisher, *consumers):
+        keys = [f"key{k}" for k in range(6)] + [None]  # keyless records mixed in, unordered
+        sent = [
+            _message(publisher, ref.destination, f"m{n}", key=rng.choice(keys)) for n in range(60)
+        ]
+        for start in range(0, len(sent), 20):  # in a few batches, as publishers do
+            await publisher.publish(sent[start : start + 20])
+        book = _KeyOrder(sent)
+        with _deadline("two consumers to work through the stream"):
+            async with _together() as group:
+                for broker in consumers:
+                    group.start_soon(
+                        _consume_in_random_order, broker, ref, book, random.Random(rng.random())
+                    )
+        problems = book.problems()
+        assert not problems, f"per-key order broken (seed {seed}): " + "; ".join(problems[:5])
+
+
+@_check
+async def check_stream_leased_head_blocks_only_its_key(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """While a key's head is leased its next record waits; other keys and groups go on."""
+    ref, other_group = _groups("stream", "blocks", "g", "other")
+    async with _session(make_broker, [ref, other_group], 2) as (holder, other):
+        a1, a2, b1, b2 = (
+            _message(holder, ref.destination, tag, key=tag[0]) for tag in ("a1", "a2", "b1", "b2")
+        )
+        await holder.publish([a1, a2, b1, b2])
+        head = await _take_one(holder, ref, what="the oldest record")
+        assert head.id == a1.id, f"the oldest record {a1.id} must come first, not {head.id}"
+        got = await _take_one(other, ref, what="key b's head while key a's head is leased")
+        assert got.id == b1.id, f"expected {b1.id}, got {got.id} while {a1.id} is leased"
+        await _expect_none(other, ref, "each key's head is leased, so nothing may come")
+        # The other group keeps its own order: its copy of a1 is not held by this group's lease.
+        copy = await _take_one(other, other_group, what=f"{a1.id} on {other_group.name}")
+        assert copy.id == a1.id, f"{other_group.name} got {copy.id} before {a1.id}"
+        await _settle(holder, "ack", head)
+        nxt = await _take_one(other, ref, what=f"{a2.id} once {a1.id} was acked")
+        assert nxt.id == a2.id, f"expected {a2.id} after {a1.id}, got {nxt.id}"
+
+
+@_check
+async def check_stream_delayed_retry_blocks_its_key(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """A head waiting for a delayed retry holds back its key until due, then comes first."""
+    ref = _ref("stream", _unique("delayed_head"))
+    delay = 2 * lease
+    async with _session(make_broker, [ref]) as (broker,):
+        a1, a2, b1 = (_message(broker, ref.destination, t, key=t[0]) for t in ("a1", "a2", "b1"))
+        await broker.publish([a1, a2, b1])
+        head = await _take_one(broker, ref, what="the oldest record")
+        assert head.id == a1.id, f"the oldest record {a1.id} must come first, not {head.id}"
+        retried_at = time.monotonic()
+        await _settle(broker, "retry", head, delay=delay, failure=_failure(broker, "a1"))
+        seen: list[Delivery] = []
+        with _deadline(f"{a1.id} to come back once its retry was due", _DEADLINE + delay):
+            while a1.id not in _ids(seen):
+                seen += await broker.fetch(ref, 10, lease=_HOLD, wait=_POLL)
+        _assert_not_before(retried_at + delay, f"the delayed retry of {a1.id} came")
+        assert a2.id not in _ids(seen), f"{a2.id} came while {a1.id} waited for its retry"
+        assert b1.id in _ids(seen), f"key b was held back by key a's delayed retry: {_ids(seen)}"
+        await _settle(broker, "ack", *[d for d in seen if d.id == a1.id])
+        nxt = await _take_one(broker, ref, what=f"{a2.id} once {a1.id} was acked")
+        _assert_delivery(nxt, a2.id, 1, f"once {a1.id} was acked")
+
+
+@_check
+async def check_stream_keyless_records_are_not_blocked(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """Records without a key have no order: several are leased at once, beside a keyed head."""
+    ref = _ref("stream", _unique("keyless"))
+    async with _session(make_broker, [ref]) as (broker,):
+        a1, a2 = (_message(broker, ref.destination, t, key="a") for t in ("a1", "a2"))
+        loose = [_message(broker, ref.destination, f"x{n}") for n in range(3)]
+        await broker.publish([a1, a2, *loose])
+        got = await _take(broker, ref, 4, what="key a's head and the three keyless records")
+        assert sorted(_ids(got)) == sorted(_ids([a1, *loose])), f"leased {_ids(got)}"
+        await _expect_none(broker, ref, f"{a2.id} waits for {a1.id}; nothing else is left")
+
+
+@_check
+async def check_stream_head_comes_back_first(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """A released head, or one whose lease ran out, comes back before its key's next record."""
+    ref = _ref("stream", _unique("head_back"))
+    async with _session(make_broker, [ref], 2) as (crashed, survivor):
+        a1, a2 = (_message(crashed, ref.destination, t, key="a") for t in ("a1", "a2"))
+        await crashed.publish([a1, a2])
+        head = await _take_one(crashed, ref, what=f"{a1.id}")
+        await _settle(crashed, "release", head)  # a runner shutting down gives it back
+        taken_at = time.monotonic()
+        again = await _take_one(survivor, ref, what=f"{a1.id} after its release", lease=lease)
+        _assert_delivery(again, a1.id, 1, "after a release")
+        # The survivor now "crashes" too: once its short lease ends, a1 comes back, not a2.
+        last = await _take_one(crashed, ref, what=f"{a1.id} after its lease ran out")
+        _assert_delivery(last, a1.id, 2, "after the lease ran out")
+        _assert_not_before(taken_at + lease, f"{a1.id} came back")
+
+
+# -- leases --------------------------------------------------------------------------------------
+
+
+@_check
+async def check_lease_expiry_redelivers(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """A delivery never settled (its runner died) comes back after the lease, at attempt 2."""
+    ref = _queue("expiry")
+    async with _session(make_broker, [ref], 2) as (crashed, survivor):
+        message = _message(crashed, ref.destination, "m")
+        await crashed.publish([message])
+        leased_at = time.monotonic()
+        first = await _take_one(crashed, ref, what="the message", lease=lease)
+        again = await _take_one(survivor, ref, what="the message after its lease ran out")
+        _assert_not_before(leased_at + lease, "a leased delivery came back")
+        _assert_delivery(again, first.id, 2, "after the lease ran out")
+        await _settle(survivor, "ack", again)
+
+
+@_check
+async def check_extend_keeps_delivery_hidden(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """An extended lease hides the delivery past its first lease; its receipt still settles."""
+    ref = _queue("extend")
+    async with _session(make_broker, [ref], 2) as (worker, other):
+        await worker.publish([_message(worker, ref.destination, "m")])
+        delivery, first_lease = await _fetch_and_extend(worker, ref, lease)
+        # The first lease started before the fetch returned, so one more of it takes us past
+        # its end: only the extension can keep the delivery hidden now.
+        await anyio.sleep(first_lease)
+        await _expect_none(other, ref, "the extended lease still holds")
+        await _settle(worker, "ack", delivery)
+        assert (await other.stats(ref)).pending == 0, "an ack after extend was ignored"
+
+
+async def _fetch_and_extend(
+    broker: Broker, ref: SubscriptionRef, lease: float
+) -> tuple[Delivery, float]:
+    """Fetch with a short lease and extend it while it surely holds; the first lease's length.
+
+    A loaded machine can stall past a short lease between the two calls, so the lease grows
+    until the extend is seen to finish in time: a slow run must not fail the check.
+    """
+    for first_lease in (lease, 4 * lease, 16 * lease):
+        started = time.monotonic()
+        delivery = await _take_one(broker, ref, what="the message", lease=first_lease)
+        await broker.extend([delivery], _HOLD)
+        if time.monotonic() < started + first_lease:
+            return delivery, first_lease
+        await _settle(broker, "release", delivery)
+    raise AssertionError(f"fetch and extend took over {16 * lease:g} s; pass a longer lease")
+
+
+@_check
+async def check_stale_receipt_is_ignored(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """After a lease is taken over, settles with the old receipt change nothing (fencing)."""
+    ref, sink = _queue("fence"), _queue("fence_sink")
+    async with _session(make_broker, [ref, sink], 2) as (slow, fast):
+        await slow.publish([_message(slow, ref.destination, "m")])
+        stale = await _take_one(slow, ref, what="the message", lease=lease)
+        current = await _take_one(fast, ref, what="the message after its lease ran out")
+        # The slow runner wakes up and settles what it no longer holds, every way it could.
+        effect = _message(slow, sink.destination, "effect")
+        await _settle(slow, "ack", stale, emitted=[effect])
+        await _settle(slow, "retry", stale, delay=_HOLD, failure=_failure(slow, "stale"))
+        await _settle(slow, "dead", stale, failure=_failure(slow, "stale"))
+        stats = await fast.stats(ref)
+        assert (stats.in_flight, stats.ready, stats.delayed, stats.dead) == (1, 0, 0, 0), (
+            f"a stale settle changed the delivery now held by another runner: {stats}"
+        )
+        assert (await fast.stats(sink)).pending == 0, "a stale ack published its emitted message"
+        await _settle(fast, "ack", current)
+        await _settle(fast, "ack", current)  # settling twice is harmless
+        assert (await fast.stats(ref)).pending == 0, "the current receipt's ack was ignored"
+
+
+@_check
+async def check_stale_receipt_after_release_is_ignored(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """A receipt given back by ``release`` no longer settles the message once re-fetched."""
+    ref = _queue("release_fence")
+    async with _session(make_broker, [ref], 2) as (leaving, taking):
+        await leaving.publish([_message(leaving, ref.destination, "m")])
+        released = await _take_one(leaving, ref, what="the message")
+        await _settle(leaving, "release", released)  # shutdown: given back unstarted
+        current = await _take_one(taking, ref, what="the released message")
+        await _settle(leaving, "ack", released)  # a late settle from the runner that left
+        stats = await taking.stats(ref)
+        assert stats.in_flight == 1, f"a released receipt settled the new delivery: {stats}"
+        await _settle(taking, "ack", current)
+
+
+# -- retries and release -------------------------------------------------------------------------
+
+
+@_check
+async def check_delayed_retry_waits_until_due(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """A retry with a delay is not fetched before due, then comes with its attempt counted."""
+    ref = _queue("retry")
+    delay = 2 * lease
+    async with _session(make_broker, [ref]) as (broker,):
+        await broker.publish([_message(broker, ref.destination, "m")])
+        first = await _take_one(broker, ref, what="the message")
+        failure = _failure(broker, "first", ago=1.0)
+        retried_at = time.monotonic()
+        await _settle(broker, "retry", first, delay=delay, failure=failure)
+        early = await broker.fetch(ref, 10, lease=_HOLD)
+        if early:  # only a broker slower than the delay may return it here
+            _assert_not_before(retried_at + delay, "a delayed retry was fetched")
+        with _deadline("the retry once due", _DEADLINE + delay):
+            again = early[0] if early else await _take_one(broker, ref, what="the retry")
+        _assert_not_before(retried_at + delay, "a delayed retry was fetched")
+        _assert_delivery(again, first.id, 2, "the retry")
+        assert _close(again.first_failed_at, failure.at), (
+            f"first_failed_at {again.first_failed_at} is not the failure's time {failure.at}"
+        )
+
+
+@_check
+async def check_delayed_publish_waits_until_due(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """A message published with ``delay`` is not fetched before due, then at attempt 1."""
+    ref = _queue("later")
+    delay = 2 * lease
+    async with _session(make_broker, [ref]) as (broker,):
+        published_at = time.monotonic()
+        await broker.publish([_message(broker, ref.destination, "m", delay=delay)])
+        got = await _take_one(broker, ref, what="the delayed message once due")
+        _assert_not_before(published_at + delay, "a delayed message was fetched")
+        assert got.attempt == 1, f"a first delivery has attempt 1, not {got.attempt}"
+
+
+@_check
+async def check_release_returns_without_attempt(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """A released delivery is fetchable at once (not after its lease), attempt not counted."""
+    ref = _queue("release")
+    async with _session(make_broker, [ref], 2) as (leaving, taking):
+        await leaving.publish([_message(leaving, ref.destination, "m")])
+        released = await _take_one(leaving, ref, what="the message")
+        await _settle(leaving, "release", released)
+        # The lease was _HOLD seconds: only the release can make it come back in time.
+        again = await _take_one(taking, ref, what="the released message")
+        _assert_delivery(again, released.id, 1, "after a release")
+
+
+# -- dead letters --------------------------------------------------------------------------------
+
+
+@_check
+async def check_dead_letter_record(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """``dead`` stores why, how often and since when it failed, with the original message."""
+    ref = _queue("dead")
+    async with _session(make_broker, [ref]) as (broker,):
+        message = _message(broker, ref.destination, "m", key="k")
+        await broker.publish([message])
+        first_failure, last_failure = _failure(broker, "one", ago=2.0), _failure(broker, "two")
+        first = await _take_one(broker, ref, what="the message")
+        await _settle(broker, "retry", first, failure=first_failure)
+        second = await _take_one(broker, ref, what="the retry")
+        await _settle(broker, "dead", second, failure=last_failure)
+        stats = await broker.stats(ref)
+        assert (stats.pending, stats.dead) == (0, 1), f"after a dead letter: {stats}"
+        await _expect_none(broker, ref, "the message was dead-lettered")
+        record = await _record_of(broker, ref, message.id)
+        kept = (record.subscription, record.body, record.key, record.attempts, record.state)
+        assert kept == (ref.name, message.body, message.key, 2, "dead"), f"record: {record}"
+        why = (record.error_type, record.error_message, record.traceback)
+        assert why == (last_failure.error_type, last_failure.message, last_failure.traceback), (
+            f"the record does not keep the last failure: {why}"
+        )
+        assert _close(record.first_failed_at, first_failure.at), f"first failure: {record}"
+        assert _close(record.last_failed_at, last_failure.at), f"last failure: {record}"
+        assert _close(record.published_at, message.published_at), f"published_at: {record}"
+        assert record.replayed == 0, f"a record never replayed has replayed={record.replayed}"
+        assert await broker.dead_letter(record.id) == record, "dead_letter(id) differs"
+
+
+@_check
+async def check_dead_letters_paginate(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """``dead_letters`` pages oldest first with ``limit`` and ``after``, per subscription or all."""
+    ref = _queue("pages")
+    async with _session(make_broker, [ref]) as (broker,):
+        # Twelve, so that numbered record ids pass from 9 to 10: ids compared as text misorder.
+        sent = [_message(broker, ref.destination, f"m{n}") for n in range(12)]
+        await broker.publish(sent)
+        for message in sent:  # dead-lettered one by one, in publish order
+            await _kill(broker, ref, message)
+        pages: list[list[DeadLetterRecord]] = []
+        after: str | None = None
+        while not pages or pages[-1]:
+            assert len(pages) <= len(sent), "dead_letters(after=...) never reaches the end"
+            pages.append(await broker.dead_letters(ref.name, limit=5, after=after))
+            after = pages[-1][-1].id if pages[-1] else after
+        sizes = [len(page) for page in pages]
+        assert sizes == [5, 5, 2, 0], f"pages of limit=5 over 12 records had sizes {sizes}"
+        assert [r.message_id for p in pages for r in p] == _ids(sent), "not oldest first"
+        everywhere = [
+            r for r in await _all_dead_letters(broker, None) if r.subscription == ref.name
+        ]
+        assert _ids(everywhere) == _ids(sent), "dead_letters() of all subscriptions misses some"
+
+
+@_check
+async def check_replay_goes_to_own_subscription_only(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """Replay re-delivers to the failing group only, same id, attempt 1; the record says so."""
+    failing, fine = _groups("topic", "replay", "failing", "fine")
+    async with _session(make_broker, [failing, fine]) as (broker,):
+        message = _message(broker, failing.destination, "m")
+        await broker.publish([message])
+        await _settle(broker, "ack", await _take_one(broker, fine, what="the fine copy"))
+        record = await _kill(broker, failing, message)
+        assert await broker.replay([record.id]) == 1, "replay did not count the record"
+        again = await _take_one(broker, failing, what="the replayed message")
+        assert (again.id, again.body, again.attempt) == (message.id, message.body, 1), (
+            f"replayed as {again.id} at attempt {again.attempt}"
+        )
+        await _expect_none(broker, fine, "replay is for the failing group only", wait=_POLL)
+        replayed = await broker.dead_letter(record.id)
+        assert replayed is not None, "replay deleted the dead-letter record"
+        assert (replayed.state, replayed.replayed) == ("replayed", 1), f"after replay: {replayed}"
+        assert await broker.dead_letters(failing.name) == [], "a replayed record is still listed"
+        assert (await broker.stats(failing)).dead == 0, "a replayed record still counts as dead"
+        assert await broker.replay([record.id]) == 0, "a replayed record was replayed again"
+        await _settle(broker, "ack", again)
+
+
+@_check
+async def check_replayed_failure_reuses_record(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """A replayed message that fails again puts the same record back to ``dead``."""
+    ref = _queue("refail")
+    async with _session(make_broker, [ref]) as (broker,):
+        message = _message(broker, ref.destination, "m")
+        await broker.publish([message])
+        record = await _kill(broker, ref, message)
+        await broker.replay([record.id])
+        again = await _take_one(broker, ref, what="the replayed message")
+        failure = _failure(broker, "again")
+        await _settle(broker, "dead", again, failure=failure)
+        back = await _record_of(broker, ref, message.id)
+        assert back.id == record.id, f"a second record {back.id} was made beside {record.id}"
+        assert (back.state, back.replayed, back.attempts) == ("dead", 1, 1), f"record: {back}"
+        assert back.error_message == failure.message, "the record keeps the first failure"
+
+
+@_check
+async def check_purge_deletes_records(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """``purge`` deletes a subscription's records in either state and says how many."""
+    purged, kept = _queue("purged"), _queue("kept")
+    async with _session(make_broker, [purged, kept]) as (broker,):
+        sent = [_message(broker, purged.destination, f"m{n}") for n in range(2)]
+        other = _message(broker, kept.destination, "other")
+        await broker.publish([*sent, other])
+        records = [await _kill(broker, purged, message) for message in sent]
+        await _kill(broker, kept, other)
+        await broker.replay([records[0].id])  # one record in each state
+        assert await broker.purge(purged.name) == 2, "purge did not count both records"
+        for record in records:
+            assert await broker.dead_letter(record.id) is None, f"{record.id} survived purge"
+        assert await broker.replay([records[1].id]) == 0, "a purged record was replayed"
+        assert (await broker.stats(purged)).dead == 0, "purged records still count as dead"
+        assert len(await broker.dead_letters(kept.name)) == 1, "purge touched another subscription"
+        assert await broker.purge(kept.name) == 1, "purge did not count the other record"
+
+
+# -- stats ---------------------------------------------------------------------------------------
+
+
+@_check
+async def check_stats_counts(make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE) -> None:
+    """``stats`` counts ready, delayed (retry or publish delay), in-flight and dead messages."""
+    ref = _queue("stats")
+    async with _session(make_broker, [ref]) as (broker,):
+        await broker.publish([_message(broker, ref.destination, f"m{n}") for n in range(5)])
+        await broker.publish([_message(broker, ref.destination, "later", delay=_HOLD)])
+        retried, dead, _still_held = await _take(broker, ref, 3, what="three messages")
+        await _settle(broker, "retry", retried, delay=_HOLD, failure=_failure(broker, "retry"))
+        await _settle(broker, "dead", dead, failure=_failure(broker, "dead"))
+        stats = await broker.stats(ref)
+        counts = (stats.ready, stats.delayed, stats.in_flight, stats.dead, stats.pending)
+        assert counts == (2, 2, 1, 1, 5), (
+            f"expected ready=2 delayed=2 in_flight=1 dead=1 pending=5, got {stats}"
+        )
+        assert stats.subscription == ref.name, f"stats of {stats.subscription!r}"

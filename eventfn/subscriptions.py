@@ -164,7 +164,7 @@ def _step_for(hint: Any, name: str, param: str) -> tuple[Callable[[Envelope, Any
     if hint is bytes:
         return (lambda envelope, ctx: envelope.payload_bytes()), False
     if _decodable(hint):
-        return _data_step(msgspec.json.Decoder(hint)), True
+        return _data_step(msgspec.json.Decoder(hint), _type_name(hint)), True
     raise RegistrationError(
         f"handler {name}: parameter {param!r} is annotated {hint!r}, which eventfn cannot "
         "supply; use a msgspec.Struct (or dict/list of JSON types), eventfn.Envelope, bytes "
@@ -183,7 +183,11 @@ def _decodable(hint: Any) -> bool:
     return False
 
 
-def _data_step(decoder: msgspec.json.Decoder[Any]) -> Callable[[Envelope, Any], Any]:
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else repr(hint)
+
+
+def _data_step(decoder: msgspec.json.Decoder[Any], name: str) -> Callable[[Envelope, Any], Any]:
     def decode(envelope: Envelope, ctx: Any) -> Any:
         if not envelope.data:
             raise DecodeError(
@@ -194,7 +198,7 @@ def _data_step(decoder: msgspec.json.Decoder[Any]) -> Callable[[Envelope, Any], 
         try:
             return decoder.decode(envelope.data)
         except msgspec.DecodeError as exc:
-            raise DecodeError(f"payload does not match {decoder.type!r}: {exc}") from None
+            raise DecodeError(f"payload does not match {name}: {exc}") from None
 
     return decode
 

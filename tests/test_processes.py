@@ -29,6 +29,7 @@ class Env:
         self.broker = f"sqlite:///{tmp / 'broker.db'}"
         self.records = str(tmp / "records.db")
         self.tmp = tmp
+        self.runs = 0
         recorder.setup(self.records)
 
     def environ(self, **extra: str) -> dict[str, str]:
@@ -47,26 +48,30 @@ class Env:
             timeout=120,
         )
 
-    def start_runner(self, *args: str, **env: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "eventfn",
-                "--log-level",
-                "warning",
-                "run",
-                "tests.apps.recorder:app",
-                "--broker",
-                self.broker,
-                *args,
-            ],
-            cwd=ROOT,
-            env=self.environ(**env),
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+    def start_runner(self, *args: str, **env: str) -> Runner:
+        self.runs += 1
+        log = self.tmp / f"runner-{self.runs}.log"
+        with log.open("w") as sink:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "eventfn",
+                    "--log-level",
+                    "warning",
+                    "run",
+                    "tests.apps.recorder:app",
+                    "--broker",
+                    self.broker,
+                    *args,
+                ],
+                cwd=ROOT,
+                env=self.environ(**env),
+                text=True,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+        return Runner(process, log)
 
     def rows(self, sql: str) -> list[tuple[object, ...]]:
         with sqlite3.connect(self.records, timeout=30) as db:
@@ -74,6 +79,33 @@ class Env:
 
     def count(self, kind: str) -> int:
         return int(self.rows(f"SELECT COUNT(*) FROM events WHERE kind = '{kind}'")[0][0])  # type: ignore[call-overload]
+
+
+class Runner:
+    """A runner process whose output goes to a log file (no pipes to leak or fill up)."""
+
+    def __init__(self, process: subprocess.Popen[str], log: Path) -> None:
+        self.process = process
+        self.log = log
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def terminate(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+
+    def finish(self, timeout: float = 120) -> str:
+        """Wait for the exit; return the output, asserting exit status 0."""
+        try:
+            self.process.wait(timeout=timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+        output = self.log.read_text()
+        assert self.process.returncode == 0, output
+        return output
 
 
 @pytest.fixture
@@ -115,14 +147,11 @@ def test_sigkill_mid_burst_loses_nothing(env: Env) -> None:
     publish_jobs(env, 5000)
     first = env.start_runner("--concurrency", "16", "--lease", "2")
     wait_for(lambda: env.count("finished") >= 1000)
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=30)
+    first.kill()
     handled_before = env.count("finished")
     assert handled_before < 5000, "the burst finished before the kill; make it longer"
 
-    second = env.start_runner("--concurrency", "16", "--lease", "2", "--burst")
-    out, err = second.communicate(timeout=120)
-    assert second.returncode == 0, err
+    out = env.start_runner("--concurrency", "16", "--lease", "2", "--burst").finish()
     handled = {n for (n,) in env.rows("SELECT DISTINCT n FROM events WHERE kind = 'finished'")}
     assert handled == set(range(5000))
     # the dead runner's leased messages came back after the lease, with the attempt raised
@@ -137,18 +166,15 @@ def test_sigterm_finishes_in_flight_and_returns_unstarted_unharmed(env: Env) -> 
     publish_jobs(env, 200)
     runner = env.start_runner("--concurrency", "4", "--grace", "30", HANDLER_SLEEP="0.3")
     wait_for(lambda: env.count("started") >= 6)
-    runner.send_signal(signal.SIGTERM)
-    _, err = runner.communicate(timeout=60)
-    assert runner.returncode == 0, err
+    runner.terminate()
+    runner.finish(timeout=60)
     started = {n for (n,) in env.rows("SELECT n FROM events WHERE kind = 'started'")}
     finished = {n for (n,) in env.rows("SELECT n FROM events WHERE kind = 'finished'")}
     assert started == finished  # every in-flight handler was allowed to finish
     ready, delayed, in_flight, dead = anyio.run(_stats, env.broker)
     assert (ready, delayed, in_flight, dead) == (200 - len(finished), 0, 0, 0)
 
-    rest = env.start_runner("--concurrency", "32", "--burst")
-    _, err = rest.communicate(timeout=120)
-    assert rest.returncode == 0, err
+    env.start_runner("--concurrency", "32", "--burst").finish()
     attempts = env.rows("SELECT n, attempt FROM events WHERE kind = 'started'")
     assert {n for n, _ in attempts} == set(range(200))
     assert all(attempt == 1 for _, attempt in attempts)  # released without counting an attempt
@@ -188,6 +214,7 @@ def test_cli_publish_inspect_and_burst(env: Env) -> None:
 
 
 def test_cli_errors_are_clear(env: Env) -> None:
+    declare(env)
     unknown = env.eventfn("publish", "jobs", "{}", "--broker", "kafka://user:hunter2@127.0.0.1/x")
     assert unknown.returncode == 2
     assert "no installed broker handles kafka://" in unknown.stderr

@@ -6,6 +6,7 @@ import random
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -293,3 +294,22 @@ async def test_emitted_events_are_published_only_when_the_handler_succeeds(
     await app.publish_many(app.message("jobs", Job(n)) for n in (1, 2, 3))
     await burst(app, broker)
     assert sorted(received) == [1, 3, 101, 103]
+
+
+async def test_leases_are_extended_while_a_handler_runs(broker_url: str) -> None:
+    app = fast_app()
+    attempts: list[tuple[int, int]] = []
+
+    @app.on_queue("slow")
+    async def slow(job: Job, ctx: eventfn.Context) -> None:
+        attempts.append((job.n, ctx.attempt))
+        await anyio.sleep(1.0)  # three times the lease
+
+    async with from_url(broker_url) as one, from_url(broker_url) as two:
+        await app.connect(one)
+        await app.publish_many(app.message("slow", Job(n)) for n in range(4))
+        async with anyio.create_task_group() as tg:
+            for broker in (one, two):
+                tg.start_soon(partial(burst, app, broker, lease=0.3, concurrency=4))
+        await app.close()
+    assert sorted(attempts) == [(n, 1) for n in range(4)]  # never taken over, never redelivered

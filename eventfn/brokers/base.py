@@ -30,7 +30,7 @@ import abc
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
@@ -174,7 +174,7 @@ class Broker(abc.ABC):
         """The URL with any password replaced by ``***``, safe for logs and errors."""
         return redact_url(self.url)
 
-    async def __aenter__(self) -> Broker:
+    async def __aenter__(self) -> Self:
         await self.connect()
         return self
 

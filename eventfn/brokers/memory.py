@@ -31,6 +31,7 @@ class _Row:
     __slots__ = (
         "attempts",
         "body",
+        "claims",
         "first_failed_at",
         "id",
         "key",
@@ -45,9 +46,11 @@ class _Row:
         self.id = message.id
         self.body = message.body
         self.key = message.key
-        self.published_at = message.published_at
+        self.published_at = message.published_at or visible_at - message.delay
         self.visible_at = visible_at
         self.attempts = 0
+        # the fence: raised on every lease and never lowered (a release lowers ``attempts``)
+        self.claims = 0
         self.leased = False
         self.first_failed_at: float | None = None
 
@@ -154,7 +157,9 @@ class MemoryBroker(Broker):
             if now >= deadline:
                 await anyio.lowlevel.checkpoint()
                 return []
-            next_due = min((r.visible_at for r in sub.rows.values()), default=math.inf)
+            # rows held behind a leased stream head come free by a settle, which wakes us
+            later = (r.visible_at for r in sub.rows.values() if r.visible_at > now)
+            next_due = min(later, default=math.inf)
             with anyio.move_on_after(max(0.0, min(deadline, next_due) - now)):
                 await sub.changed.wait()
 
@@ -173,6 +178,7 @@ class MemoryBroker(Broker):
             if row.visible_at > now:
                 continue
             row.attempts += 1
+            row.claims += 1
             row.leased = True
             row.visible_at = now + lease
             found.append(
@@ -181,7 +187,7 @@ class MemoryBroker(Broker):
                     id=row.id,
                     body=row.body,
                     attempt=row.attempts,
-                    receipt=(seq, row.attempts),
+                    receipt=(seq, row.claims),
                     key=row.key,
                     published_at=row.published_at,
                     first_failed_at=row.first_failed_at,
@@ -191,9 +197,9 @@ class MemoryBroker(Broker):
 
     def _held(self, delivery: Delivery) -> tuple[_Subscription, int, _Row] | None:
         sub = self._state.subscriptions.get(delivery.subscription)
-        seq, attempts = delivery.receipt
+        seq, claims = delivery.receipt
         row = sub.rows.get(seq) if sub else None
-        if sub is None or row is None or row.attempts != attempts or not row.leased:
+        if sub is None or row is None or row.claims != claims or not row.leased:
             return None
         return sub, seq, row
 

@@ -1,0 +1,205 @@
+"""Burst drain on the embedded SQLite broker: publish N events, then drain them with the runner.
+
+Each case runs in fresh processes: one publishes the backlog, another runs the runner in burst
+mode until drained and reports throughput, end-to-end latency (publish time to handler start),
+peak RSS and CPU per event of that process alone. Latencies go into a log-bucket histogram of
+fixed size, so the measurement itself does not grow with N.
+
+    python benchmarks/burst.py                      # N = 10,000 and 100,000, no-op and sleep
+    python benchmarks/burst.py --big                # adds N = 1,000,000
+    python benchmarks/burst.py --n 100000 --handler noop --runs 3 --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(ROOT))
+
+import anyio  # noqa: E402
+import msgspec  # noqa: E402
+
+import eventfn  # noqa: E402
+from eventfn.brokers import from_url  # noqa: E402
+
+
+class Job(msgspec.Struct, frozen=True):
+    n: int
+
+
+class Histogram:
+    """Log-scale buckets, 2% wide, from 1 µs to about 3 hours: fixed memory, ~1% error."""
+
+    RATIO = 1.02
+
+    def __init__(self) -> None:
+        self.counts = [0] * 1200
+        self.max = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.max = max(self.max, seconds)
+        micro = max(seconds * 1e6, 1.0)
+        self.counts[min(int(math.log(micro, self.RATIO)), len(self.counts) - 1)] += 1
+
+    def quantile(self, q: float) -> float:
+        target = q * sum(self.counts)
+        seen = 0
+        for bucket, count in enumerate(self.counts):
+            seen += count
+            if count and seen >= target:
+                return self.RATIO ** (bucket + 0.5) / 1e6
+        return self.max
+
+
+def make_app(kind: str, seen: bytearray, latency: Histogram) -> eventfn.App:
+    app = eventfn.App("bench")
+
+    if kind == "noop":
+
+        @app.on_queue("burst")
+        async def noop(job: Job, ctx: eventfn.Context) -> None:
+            latency.add(time.time() - ctx.delivery.published_at)
+            seen[job.n] = 1
+
+    else:
+
+        @app.on_queue("burst")
+        async def sleepy(job: Job, ctx: eventfn.Context) -> None:
+            latency.add(time.time() - ctx.delivery.published_at)
+            seen[job.n] = 1
+            await anyio.sleep(0.005)
+
+    return app
+
+
+async def publish(url: str, count: int) -> None:
+    app = make_app("noop", bytearray(1), Histogram())
+    await app.connect(url)
+    batch = 5000
+    for start in range(0, count, batch):
+        await app.publish_many(app.message("burst", Job(n)) for n in range(start, min(count, start + batch)))
+    await app.close()
+
+
+async def drain(url: str, count: int, kind: str, concurrency: int) -> dict[str, Any]:
+    seen = bytearray(count)
+    latency = Histogram()
+    app = make_app(kind, seen, latency)
+    async with from_url(url) as broker:
+        await app.connect(broker)
+        runner = eventfn.Runner(app, broker, concurrency=concurrency, burst=True, poll=0.05)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        summary = await runner.run()
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        await app.close()
+    missing = count - sum(seen)
+    return {
+        "handled": summary.handled,
+        "missing": missing,
+        "seconds": wall,
+        "throughput": count / wall,
+        "cpu_us_per_event": cpu / count * 1e6,
+        "p50_ms": latency.quantile(0.50) * 1e3,
+        "p99_ms": latency.quantile(0.99) * 1e3,
+        "max_ms": latency.max * 1e3,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run_case(count: int, kind: str, concurrency: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="eventfn-bench-") as tmp:
+        url = f"sqlite:///{tmp}/burst.db"
+        me = [sys.executable, str(Path(__file__).resolve())]
+        subprocess.run([*me, "_publish", url, str(count)], check=True)
+        out = subprocess.run(
+            [*me, "_drain", url, str(count), kind, str(concurrency)],
+            check=True, capture_output=True, text=True,
+        ).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    if result["missing"]:
+        raise SystemExit(f"{kind} N={count}: {result['missing']} events were not handled")
+    return result
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem, 1),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "platform": platform.platform(),
+    }
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ["throughput", "cpu_us_per_event", "p50_ms", "p99_ms", "max_ms", "peak_rss_mb"]
+    out: dict[str, Any] = {key: statistics.median(r[key] for r in runs) for key in keys}
+    out["throughput_min"] = min(r["throughput"] for r in runs)
+    out["throughput_max"] = max(r["throughput"] for r in runs)
+    out["runs"] = len(runs)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--big", action="store_true", help="add N = 1,000,000")
+    parser.add_argument("--handler", choices=["noop", "sleep"], nargs="+", default=["noop", "sleep"])
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3, help="runs per case (median reported)")
+    parser.add_argument("--write", action="store_true", help="save results and regenerate RESULTS.md")
+    args = parser.parse_args()
+    sizes = sorted(set(args.n + ([1_000_000] if args.big else [])))
+    cases = []
+    for kind in args.handler:
+        for count in sizes:
+            runs = [run_case(count, kind, args.concurrency) for _ in range(args.runs)]
+            case = {"handler": kind, "n": count, "concurrency": args.concurrency, **summarize(runs)}
+            cases.append(case)
+            print(
+                f"{kind:<6} N={count:>9,}  {case['throughput']:>9,.0f} events/s "
+                f"({case['throughput_min']:,.0f}-{case['throughput_max']:,.0f})  "
+                f"{case['cpu_us_per_event']:5.1f} µs CPU/event  p50 {case['p50_ms']:8.1f} ms  "
+                f"p99 {case['p99_ms']:8.1f} ms  peak RSS {case['peak_rss_mb']:6.1f} MB",
+                flush=True,
+            )
+    if args.write:
+        RESULTS.mkdir(exist_ok=True)
+        document = {"benchmark": "burst", "machine": machine(), "when": time.strftime("%Y-%m-%d"), "cases": cases}
+        (RESULTS / "burst.json").write_text(json.dumps(document, indent=2) + "\n")
+        subprocess.run([sys.executable, str(HERE / "report.py")], check=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_publish":
+        anyio.run(publish, sys.argv[2], int(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_drain":
+        result = anyio.run(drain, sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+        print(json.dumps(result))
+    else:
+        main()
