@@ -24,7 +24,9 @@ from eventfn.exceptions import (
     UnknownBrokerError,
     UnknownDestination,
 )
+from eventfn.options import HandlerOptions
 from eventfn.retry import Retry
+from eventfn.runtime.breaker import CircuitBreaker
 from eventfn.runtime.runner import Runner, Summary
 
 __version__ = "0.1.0"
@@ -34,6 +36,7 @@ __all__ = [
     "Broker",
     "BrokerError",
     "BrokerUnavailable",
+    "CircuitBreaker",
     "ConfigurationError",
     "Context",
     "DeadLetter",
@@ -43,6 +46,7 @@ __all__ = [
     "Drop",
     "Envelope",
     "EventfnError",
+    "HandlerOptions",
     "InvalidDestination",
     "PayloadTooLarge",
     "PublishError",

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar, Unpack
 
 import anyio
 import msgspec
@@ -21,6 +21,7 @@ from eventfn.events import (
     now_rfc3339,
 )
 from eventfn.exceptions import ConfigurationError, RegistrationError
+from eventfn.options import HandlerOptions, resolve
 from eventfn.retry import Retry
 from eventfn.subscriptions import (
     KeyFunc,
@@ -48,10 +49,10 @@ class App:
         name: the app's name; the CloudEvents ``source`` of what it publishes is ``/name``.
         broker: broker URL used when neither ``--broker`` nor ``EVENTFN_BROKER`` says otherwise.
         event_bus: the topic that carries the domain events of ``on_event`` and ``emit``.
-        retry: the default retry policy of every handler (a handler's own ``retry=`` wins).
-        concurrency: the default per-handler concurrency limit (``None``: only the runner's).
-        timeout: the default handler timeout in seconds (``None``: no timeout).
         max_payload: the largest encoded envelope accepted by ``publish``, in bytes.
+        **defaults: handler options (``retry``, ``timeout``, ``concurrency``, ``rate``,
+            ``idempotent``, ...; see :class:`eventfn.options.HandlerOptions`) that every handler
+            gets unless its decorator says otherwise.
     """
 
     def __init__(
@@ -60,19 +61,16 @@ class App:
         *,
         broker: str | None = None,
         event_bus: str = "events",
-        retry: Retry | None = None,
-        concurrency: int | None = None,
-        timeout: float | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        **defaults: Unpack[HandlerOptions],
     ) -> None:
         self.name = check_name(name, "app")
         self.source = f"/{name}"
         self.broker_url = broker
         self.event_bus = check_name(event_bus, "event bus")
-        self.retry = retry or Retry()
-        self.concurrency = _positive(concurrency, "concurrency", "App")
-        self.timeout = _positive(timeout, "timeout", "App")
         self.max_payload = max_payload
+        self.defaults = resolve({}, defaults, f"App({name!r})")
+        self._defaults: dict[str, Any] = dict(defaults)
         self.subscriptions: list[Subscription] = []
         self._stream_keys: dict[str, KeyFunc] = {}
         self._broker: Broker | None = None
@@ -82,23 +80,31 @@ class App:
     def __repr__(self) -> str:
         return f"App({self.name!r}, subscriptions={len(self.subscriptions)})"
 
+    @property
+    def retry(self) -> Retry:
+        """The app's default retry policy."""
+        return self.defaults.retry
+
     # -- registration ---------------------------------------------------------------------
 
     def on_queue(
         self,
         name: str,
         *,
-        concurrency: int | None = None,
-        retry: Retry | None = None,
-        timeout: float | None = None,
+        batch: int | None = None,
+        batch_wait: float = 0.5,
+        **options: Unpack[HandlerOptions],
     ) -> Callable[[H], H]:
         """Handle work from a queue: each message goes to one consumer among all runners.
+
+        With ``batch=N`` the handler takes a ``list`` of up to N events, gathered for at most
+        ``batch_wait`` seconds, and may return ``eventfn.BatchResult(failed=[...])``.
 
         >>> @app.on_queue("thumbnails", concurrency=8, retry=eventfn.Retry(attempts=3))
         ... async def make_thumbnail(job: Thumbnail) -> None: ...
         """
         return self._decorator(
-            "queue", name, None, concurrency=concurrency, retry=retry, timeout=timeout
+            "queue", name, None, options, batch=_batch(batch, batch_wait, f"on_queue({name!r})")
         )
 
     def on_topic(
@@ -106,9 +112,9 @@ class App:
         name: str,
         *,
         group: str | None = None,
-        concurrency: int | None = None,
-        retry: Retry | None = None,
-        timeout: float | None = None,
+        batch: int | None = None,
+        batch_wait: float = 0.5,
+        **options: Unpack[HandlerOptions],
     ) -> Callable[[H], H]:
         """Handle facts from a topic: every group gets its own copy, retries and dead letters.
 
@@ -119,7 +125,7 @@ class App:
         ... async def email(order: OrderAccepted) -> None: ...
         """
         return self._decorator(
-            "topic", name, group, concurrency=concurrency, retry=retry, timeout=timeout
+            "topic", name, group, options, batch=_batch(batch, batch_wait, f"on_topic({name!r})")
         )
 
     def on_stream(
@@ -129,14 +135,15 @@ class App:
         key: str | KeyFunc | None = None,
         group: str | None = None,
         partitions: int = DEFAULT_PARTITIONS,
-        concurrency: int | None = None,
-        retry: Retry | None = None,
-        timeout: float | None = None,
+        skip_key_on_error: bool = False,
+        **options: Unpack[HandlerOptions],
     ) -> Callable[[H], H]:
         """Handle an ordered stream: records of one key one at a time, in publish order.
 
         ``key`` (an attribute name or a function of the event) gives the partition key of
-        records this app publishes to the stream without an explicit ``key=``.
+        records this app publishes to the stream without an explicit ``key=``. A record that
+        fails holds back the later records of its key while it waits for its retry; with
+        ``skip_key_on_error=True`` it is dead-lettered at once instead and its key moves on.
 
         >>> @app.on_stream("clicks", key="user_id", group="sessionize")
         ... async def sessionize(click: Click) -> None: ...
@@ -148,11 +155,10 @@ class App:
             "stream",
             name,
             group,
-            concurrency=concurrency,
-            retry=retry,
-            timeout=timeout,
+            options,
             key=keyfn,
             partitions=partitions,
+            skip_key_on_error=skip_key_on_error,
         )
 
     def on_event(
@@ -160,9 +166,7 @@ class App:
         event: type[Any],
         *,
         group: str | None = None,
-        concurrency: int | None = None,
-        retry: Retry | None = None,
-        timeout: float | None = None,
+        **options: Unpack[HandlerOptions],
     ) -> Callable[[H], H]:
         """Handle a domain event (a ``msgspec.Struct``) from the app's event bus.
 
@@ -175,14 +179,7 @@ class App:
                 "define it as `class OrderAccepted(msgspec.Struct): ...`"
             )
         return self._decorator(
-            "event",
-            self.event_bus,
-            group,
-            concurrency=concurrency,
-            retry=retry,
-            timeout=timeout,
-            types=(event_type(event),),
-            event=event,
+            "event", self.event_bus, group, options, types=(event_type(event),), event=event
         )
 
     def _decorator(
@@ -190,22 +187,21 @@ class App:
         trigger: Trigger,
         destination: str,
         group: str | None,
+        options: Mapping[str, Any],
         *,
-        concurrency: int | None,
-        retry: Retry | None,
-        timeout: float | None,
         key: KeyFunc | None = None,
         partitions: int = 1,
         types: tuple[str, ...] | None = None,
         event: type[Any] | None = None,
+        batch: tuple[int, float] | None = None,
+        skip_key_on_error: bool = False,
     ) -> Callable[[H], H]:
         check_name(destination, "destination")
         if group is not None:
             check_name(group, "group")
 
         def register(fn: H) -> H:
-            name = handler_name(fn)
-            where = f"handler {name}"
+            where = f"handler {handler_name(fn)}"
             chosen = group
             if trigger != "queue" and group is None:
                 chosen = fn.__name__.replace("_", "-")
@@ -213,10 +209,10 @@ class App:
                 trigger=trigger,
                 ref=make_ref(trigger, destination, chosen, types=types, partitions=partitions),
                 handler=fn,
-                retry=_policy(retry, where) or self.retry,
-                concurrency=_positive(concurrency, "concurrency", where) or self.concurrency,
-                timeout=_positive(timeout, "timeout", where) or self.timeout,
+                options=resolve(self._defaults, options, where),
                 key=key,
+                batch=batch,
+                skip_key_on_error=skip_key_on_error,
             )
             if event is not None and sub.data_type not in (None, event):
                 raise RegistrationError(
@@ -392,16 +388,12 @@ def _time() -> float:
     return time.time()
 
 
-def _positive(value: float | None, what: str, where: str) -> Any:
-    if value is not None and (isinstance(value, bool) or value <= 0):
-        raise RegistrationError(f"{where}: {what}={value!r} must be a positive number or None")
-    return value
-
-
-def _policy(retry: Retry | None, where: str) -> Retry | None:
-    if retry is not None and (not isinstance(retry, Retry) or retry.after is not None):
+def _batch(size: int | None, wait: float, where: str) -> tuple[int, float] | None:
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or not wait > 0:
         raise RegistrationError(
-            f"{where}: retry= takes a policy such as eventfn.Retry(attempts=5, backoff=1.0); "
-            "Retry(after=...) is raised from inside a handler"
+            f"{where}: batch={size!r}, batch_wait={wait!r}: batch must be a whole number >= 1 "
+            "and batch_wait a positive number of seconds"
         )
-    return retry
+    return size, float(wait)

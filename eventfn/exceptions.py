@@ -18,6 +18,7 @@ Control-flow signals, raised by a handler to say what happened (see ``DESIGN.md`
 
     Retry(after=30)        retry at a time the handler chooses; counted as an attempt
     Drop("reason")         ack without effect; logged and counted
+     └── Duplicate          (raised by the idempotency middleware) the effect already happened
     DeadLetter("reason")   straight to the dead-letter queue; no retries
 
 ``Retry`` doubles as the retry *policy* given to a decorator (``retry=Retry(attempts=5)``); the
@@ -25,6 +26,11 @@ policy itself lives in :mod:`eventfn.retry`.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from eventfn.brokers.base import OutgoingMessage
 
 
 class EventfnError(Exception):
@@ -80,6 +86,18 @@ class Drop(Exception):
     def __init__(self, reason: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class Duplicate(Drop):
+    """Raised by the idempotency middleware: this message's effect has already happened.
+
+    The message is acked without running the handler; ``emitted`` are the events the first,
+    successful run emitted, published again (same ids) in case that run's ack was lost.
+    """
+
+    def __init__(self, reason: str = "", emitted: tuple[OutgoingMessage, ...] = ()) -> None:
+        super().__init__(reason)
+        self.emitted = emitted
 
 
 class DeadLetter(Exception):

@@ -18,6 +18,7 @@ from eventfn.brokers.base import Kind, SubscriptionRef
 from eventfn.context import Context
 from eventfn.events import Envelope
 from eventfn.exceptions import DecodeError, InvalidDestination, RegistrationError
+from eventfn.options import Options
 from eventfn.retry import Retry
 
 Trigger = Literal["queue", "topic", "stream", "event"]
@@ -47,14 +48,17 @@ class Subscription:
     """One registered handler and everything the runner needs to drive it."""
 
     __slots__ = (
+        "batch",
         "build_args",
         "concurrency",
         "data_type",
         "handler",
         "key",
         "name",
+        "options",
         "ref",
         "retry",
+        "skip_key_on_error",
         "timeout",
         "trigger",
         "wants_context",
@@ -66,19 +70,22 @@ class Subscription:
         trigger: Trigger,
         ref: SubscriptionRef,
         handler: Handler,
-        retry: Retry,
-        concurrency: int | None,
-        timeout: float | None,
+        options: Options | None = None,
         key: KeyFunc | None = None,
+        batch: tuple[int, float] | None = None,
+        skip_key_on_error: bool = False,
     ) -> None:
         self.trigger = trigger
         self.ref = ref
         self.handler = handler
         self.name = handler_name(handler)
-        self.retry = retry
-        self.concurrency = concurrency
-        self.timeout = timeout
+        self.options = options or Options()
+        self.retry: Retry = self.options.retry
+        self.concurrency = self.options.concurrency
+        self.timeout = self.options.timeout
         self.key = key
+        self.batch = batch
+        self.skip_key_on_error = skip_key_on_error
         plan = _plan(handler, self.name)
         self.data_type: Any = plan.data_type
         self.wants_context = plan.wants_context
@@ -97,6 +104,9 @@ class Subscription:
             "concurrency": self.concurrency,
             "timeout": self.timeout,
             "retry": repr(self.retry),
+            "rate": self.options.rate.text if self.options.rate else None,
+            "idempotent": self.options.idempotent,
+            "batch": self.batch[0] if self.batch else None,
         }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,3 +41,10 @@ def broker_url(broker_name: str, tmp_path: Path) -> Iterator[str]:
 def make_broker(broker_url: str) -> Callable[[], Broker]:
     """Makes new, unconnected brokers on one storage: each acts as another runner."""
     return lambda: from_url(broker_url)
+
+
+@pytest.fixture
+async def broker(broker_url: str) -> AsyncIterator[Broker]:
+    """A connected broker of each embedded backend, private to the test."""
+    async with from_url(broker_url) as connected:
+        yield connected

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import random
-import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
 from functools import partial
-from pathlib import Path
 
 import anyio
 import msgspec
-import pytest
 
 import eventfn
 from eventfn.brokers import Broker, OutgoingMessage, from_url
@@ -28,19 +24,6 @@ class Done(msgspec.Struct, frozen=True):
 class Click(msgspec.Struct, frozen=True):
     user: str
     seq: int
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "memory":
-        return f"memory://{uuid.uuid4().hex}"
-    return f"sqlite:///{tmp_path / 'broker.db'}"
-
-
-@pytest.fixture
-async def broker(broker_url: str) -> AsyncIterator[Broker]:
-    async with from_url(broker_url) as connected:
-        yield connected
 
 
 def fast_app(name: str = "test", **options: object) -> eventfn.App:
@@ -313,3 +296,25 @@ async def test_leases_are_extended_while_a_handler_runs(broker_url: str) -> None
                 tg.start_soon(partial(burst, app, broker, lease=0.3, concurrency=4))
         await app.close()
     assert sorted(attempts) == [(n, 1) for n in range(4)]  # never taken over, never redelivered
+
+
+async def test_emitting_to_an_undeclared_destination_dead_letters_the_message(
+    broker: Broker,
+) -> None:
+    app = fast_app()
+    handled: list[int] = []
+
+    @app.on_queue("jobs")
+    async def work(job: Job, ctx: eventfn.Context) -> None:
+        if job.n == 2:
+            await ctx.publish("nobody-declared-this", {"n": job.n})
+        handled.append(job.n)
+
+    await app.connect(broker)
+    await app.publish_many(app.message("jobs", Job(n)) for n in (1, 2, 3))
+    await burst(app, broker)
+    assert sorted(handled) == [1, 2, 3]
+    (record,) = await broker.dead_letters("jobs")
+    assert "nobody-declared-this" in record.error_message
+    assert record.error_message.startswith("an emitted event was refused")
+    assert (await broker.stats(app.subscriptions[0].ref)).pending == 0

@@ -81,7 +81,8 @@ class Delivery(msgspec.Struct, kw_only=True):
 
     ``attempt`` is the broker's delivery count (1 on the first delivery), so a crash loop counts
     toward the dead-letter limit. ``receipt`` is the broker's own handle for settling it, which
-    also fences a stale settle after the lease was taken over.
+    also fences a stale settle after the lease was taken over: it must differ on every lease
+    of the message (a release lowers ``attempt``, so the attempt alone is no fence).
     """
 
     subscription: str
@@ -201,7 +202,9 @@ class Broker(abc.ABC):
         """Store a batch of messages durably before returning.
 
         A message goes to the destination's subscriptions as its kind says. Publishing to a
-        destination nothing has declared raises ``UnknownDestination``. A message whose id was
+        destination nothing has declared raises ``UnknownDestination``; so does a settle whose
+        ack emits to one (the runner then dead-letters that message with the reason).
+        ``published_at`` of 0 means "now" by the broker's clock. A message whose id was
         already published to the same destination within the broker's de-duplication window may
         be dropped as a duplicate (sources rely on this; it is not required for correctness).
         """
@@ -210,11 +213,13 @@ class Broker(abc.ABC):
     async def fetch(
         self, subscription: SubscriptionRef, limit: int, *, lease: float, wait: float = 0.0
     ) -> list[Delivery]:
-        """Lease up to ``limit`` deliveries that are due, oldest first.
+        """Lease up to ``limit`` deliveries that are due, in roughly the order they came due.
 
         Returns as soon as at least one is available, or an empty list after ``wait`` seconds.
         Each returned delivery is hidden from other consumers for ``lease`` seconds and its
-        ``attempt`` is one more than before. Delayed retries are never returned before due.
+        ``attempt`` is one more than before. Delayed retries are never returned before due,
+        and a retried message goes behind what was due before it (streams keep key order). A
+        fetch cancelled by its caller must not keep leases it did not hand out.
         """
 
     @abc.abstractmethod

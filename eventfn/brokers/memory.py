@@ -148,14 +148,14 @@ class MemoryBroker(Broker):
     ) -> list[Delivery]:
         sub = self._sub(subscription.name)
         deadline = self.clock() + wait
+        await anyio.lowlevel.checkpoint()
         while True:
+            # no await between leasing and returning: a cancelled fetch never loses leases
             found = self._lease(sub, limit, lease)
             if found or limit <= 0:
-                await anyio.lowlevel.checkpoint()
                 return found
             now = self.clock()
             if now >= deadline:
-                await anyio.lowlevel.checkpoint()
                 return []
             # rows held behind a leased stream head come free by a settle, which wakes us
             later = (r.visible_at for r in sub.rows.values() if r.visible_at > now)
@@ -210,7 +210,7 @@ class MemoryBroker(Broker):
                 continue
             sub, seq, row = held
             if settlement.outcome == "ack":
-                await self.publish(settlement.emitted)
+                await self.publish(settlement.emitted)  # raises before the ack if undeclared
                 del sub.rows[seq]
             elif settlement.outcome == "dead":
                 self._dead_letter(sub, row, settlement.failure)
@@ -221,6 +221,10 @@ class MemoryBroker(Broker):
                     row.first_failed_at = failure.at if failure else self.clock()
                 row.leased = False
                 row.visible_at = self.clock() + settlement.delay
+                if sub.ref.kind != "stream":
+                    # like SQLite, serve what was due before it first (streams keep key order)
+                    del sub.rows[seq]
+                    sub.rows[next(self._state.seq)] = row
             else:
                 row.attempts -= 1
                 row.leased = False

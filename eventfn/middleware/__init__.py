@@ -1,7 +1,10 @@
 """Middleware: small async wrappers around the handler call, composed once at start-up.
 
-A middleware is a callable ``(call_next, subscription) -> call``; the runner builds each
-subscription's chain with :func:`build_chain`, outermost first, and never changes it after.
+A middleware is a callable ``(call_next, subscription, env) -> call``; the runner builds each
+subscription's chain with :func:`build_chain`, outermost first, and never changes it after. A
+middleware that has nothing to do for a subscription returns ``call_next`` itself, so it costs
+nothing on that subscription's hot path. ``env`` gives what the runner shares: the broker, the
+clock, and stores such as the idempotency store.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from eventfn.brokers.base import Delivery
+from eventfn.brokers.base import Broker, Delivery
 from eventfn.context import Context
 from eventfn.events import Envelope
 
 if TYPE_CHECKING:
+    from eventfn.idempotency import IdempotencyStore
     from eventfn.subscriptions import Subscription
 
 
@@ -39,8 +43,17 @@ class Invocation:
         self.context = context
 
 
+class Environment:
+    """What middleware may use from the runner that builds it."""
+
+    def __init__(self, broker: Broker, clock: Callable[[], float]) -> None:
+        self.broker = broker
+        self.clock = clock
+        self.idempotency: IdempotencyStore | None = None
+
+
 Call = Callable[[Invocation], Awaitable[Any]]
-Middleware = Callable[[Call, "Subscription"], Call]
+Middleware = Callable[[Call, "Subscription", Environment], Call]
 
 
 def handler_call(subscription: Subscription) -> Call:
@@ -53,7 +66,7 @@ def handler_call(subscription: Subscription) -> Call:
     return call
 
 
-def timeout(call_next: Call, subscription: Subscription) -> Call:
+def timeout(call_next: Call, subscription: Subscription, env: Environment) -> Call:
     """Fail a handler that runs longer than its ``timeout`` with ``TimeoutError``."""
     limit = subscription.timeout
     if limit is None:
@@ -66,12 +79,18 @@ def timeout(call_next: Call, subscription: Subscription) -> Call:
     return call
 
 
-DEFAULT_MIDDLEWARE: tuple[Middleware, ...] = (timeout,)
-
-
-def build_chain(subscription: Subscription, middleware: Sequence[Middleware]) -> Call:
+def build_chain(
+    subscription: Subscription, middleware: Sequence[Middleware], env: Environment
+) -> Call:
     """Compose ``middleware`` (outermost first) around the handler call."""
     call = handler_call(subscription)
     for layer in reversed(middleware):
-        call = layer(call, subscription)
+        call = layer(call, subscription, env)
     return call
+
+
+# The layers live in their own modules, which import the names above: import them last.
+from eventfn.middleware.ratelimit import rate_limit  # noqa: E402
+
+DEFAULT_MIDDLEWARE: tuple[Middleware, ...] = (rate_limit, timeout)
+"""The default chain, outermost first."""

@@ -13,9 +13,17 @@ from eventfn.app import App
 from eventfn.brokers.base import Delivery, Failure, Settlement
 from eventfn.context import Context
 from eventfn.events import decode_envelope
-from eventfn.exceptions import DeadLetter, DecodeError, Drop
-from eventfn.middleware import Invocation, Middleware, build_chain
+from eventfn.exceptions import DeadLetter, DecodeError, Drop, Duplicate
+from eventfn.middleware import (
+    Call,
+    Environment,
+    Invocation,
+    Middleware,
+    build_chain,
+    handler_call,
+)
 from eventfn.retry import Retry
+from eventfn.runtime.breaker import Breaker
 from eventfn.subscriptions import Subscription
 
 log = logging.getLogger("eventfn.runner")
@@ -28,6 +36,7 @@ class Counters(msgspec.Struct):
     retried: int = 0
     dead_lettered: int = 0
     dropped: int = 0
+    duplicates: int = 0
     released: int = 0
 
 
@@ -44,10 +53,19 @@ class Processor:
         self.app = app
         self.subscription = subscription
         self.name = subscription.ref.name
-        self.call = build_chain(subscription, middleware)
+        self.middleware = middleware
+        self.call: Call = handler_call(subscription)
         self.retry = subscription.retry
+        # a stream record that fails goes aside at once, so that its key is not held back
+        self.skip_key = subscription.skip_key_on_error and subscription.ref.kind == "stream"
         self.clock = clock
         self.counters = Counters()
+        settings = subscription.options.breaker
+        self.breaker = Breaker(settings, self.name, clock) if settings else None
+
+    def build(self, env: Environment) -> None:
+        """Compose the middleware chain (once, at runner start-up)."""
+        self.call = build_chain(self.subscription, self.middleware, env)
 
     async def __call__(self, delivery: Delivery) -> Settlement:
         try:
@@ -68,6 +86,10 @@ class Processor:
         finally:
             _context._current.reset(token)
         self.counters.handled += 1
+        if self.breaker is not None and self.breaker.state != "closed":
+            self.breaker.success()
+        elif self.breaker is not None:
+            self.breaker.failures = 0
         if log.isEnabledFor(logging.INFO):
             log.info("handled %s id=%s attempt=%d", self.name, delivery.id, delivery.attempt)
         return Settlement(delivery=delivery, outcome="ack", emitted=tuple(ctx.emitted))
@@ -85,7 +107,9 @@ class Processor:
         else:
             verdict = self.retry.classify(exc, delivery.attempt)
             delay = self.retry.delay(delivery.attempt)
-        if verdict == "dead":
+            if self.breaker is not None:
+                self.breaker.failure(delivery.attempt)
+        if verdict == "dead" or self.skip_key:
             return self._dead(delivery, exc)
         self.counters.retried += 1
         log.warning(
@@ -119,6 +143,10 @@ class Processor:
         )
 
     def _drop(self, delivery: Delivery, exc: Drop) -> Settlement:
+        if isinstance(exc, Duplicate):
+            self.counters.duplicates += 1
+            log.info("duplicate %s id=%s: %s", self.name, delivery.id, exc.reason)
+            return Settlement(delivery=delivery, outcome="ack", emitted=exc.emitted)
         self.counters.dropped += 1
         log.info("dropped %s id=%s: %s", self.name, delivery.id, exc.reason)
         return Settlement(delivery=delivery, outcome="ack")

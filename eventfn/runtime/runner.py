@@ -13,13 +13,14 @@ import math
 import time
 from collections import deque
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 
 import anyio
 import msgspec
 
 from eventfn.app import App
 from eventfn.brokers.base import Broker, Delivery, Settlement, SubscriptionRef
-from eventfn.middleware import DEFAULT_MIDDLEWARE, Middleware
+from eventfn.middleware import DEFAULT_MIDDLEWARE, Environment, Middleware
 from eventfn.runtime.process import Counters, Processor
 from eventfn.runtime.settler import Settler
 from eventfn.subscriptions import Subscription
@@ -130,6 +131,7 @@ class Runner:
         self._stopping = False
         self._settler = Settler(broker)
         self._started = 0.0
+        self.env = Environment(broker, broker.clock)
 
     # -- control ------------------------------------------------------------------------------
 
@@ -155,6 +157,23 @@ class Runner:
             raise ValueError(f"app {self.app.name!r} has no handlers to run")
         self._started = time.monotonic()
         await self.broker.declare([c.ref for c in self._consumers])
+        async with AsyncExitStack() as resources:
+            await self._open(resources)
+            await self._run()
+        return self.summary()
+
+    async def _open(self, resources: AsyncExitStack) -> None:
+        """Open what the middleware needs, then build every subscription's chain."""
+        if any(c.subscription.options.idempotent for c in self._consumers):
+            from eventfn.idempotency import open_store
+
+            self.env.idempotency = await resources.enter_async_context(
+                open_store(self.app, self.broker)
+            )
+        for consumer in self._consumers:
+            consumer.processor.build(self.env)
+
+    async def _run(self) -> None:
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._settler.run)
             outer.start_soon(self._keep_leases)
@@ -166,7 +185,6 @@ class Runner:
                     self._settler.close()
                     await self._settler.wait_flushed()
                 outer.cancel_scope.cancel()
-        return self.summary()
 
     async def _consume(self) -> None:
         async with anyio.create_task_group() as inner:
@@ -198,8 +216,15 @@ class Runner:
 
     async def _fetch_loop(self, consumer: _Consumer) -> None:
         backoff = 0.1
+        breaker = consumer.processor.breaker
         while not self._stopping:
             room = self._room_for(consumer)
+            if breaker is not None and breaker.state != "closed":
+                if pause := breaker.wait_time():
+                    with anyio.move_on_after(pause):
+                        await self._stop.wait()
+                    continue
+                room = breaker.room(room)
             if room <= 0:
                 self._room = anyio.Event() if self._room.is_set() else self._room
                 await self._room.wait()
@@ -223,6 +248,8 @@ class Runner:
             backoff = 0.1
             if batch:
                 self._accept(consumer, batch)
+            elif breaker is not None:
+                breaker.probing = False  # nothing came to probe with: try again
 
     def _accept(self, consumer: _Consumer, batch: list[Delivery]) -> None:
         if self._stopping:
@@ -262,6 +289,11 @@ class Runner:
             await self._work.wait()
 
     async def _dispatch(self, consumer: _Consumer, delivery: Delivery) -> None:
+        breaker = consumer.processor.breaker
+        if breaker is not None and breaker.blocks:
+            # its dependency is down: give it back unstarted rather than burn an attempt
+            self._finish(consumer, delivery, consumer.processor.release(delivery))
+            return
         key = delivery.key if consumer.ordered else None
         if key is None:
             await self._run_one(consumer, delivery)

@@ -6,7 +6,8 @@ import logging
 
 import anyio
 
-from eventfn.brokers.base import Broker, Settlement
+from eventfn.brokers.base import Broker, Failure, Settlement
+from eventfn.exceptions import PublishError
 
 log = logging.getLogger("eventfn.runner")
 
@@ -46,6 +47,28 @@ class Settler:
         while not self.idle:
             await self._flushed.wait()
 
+    async def _settle_apart(self, batch: list[Settlement]) -> None:
+        for index, settlement in enumerate(batch):
+            try:
+                await self.broker.settle([settlement])
+            except PublishError as exc:
+                log.error(
+                    "dead-letter %s id=%s: what it emitted was refused: %s",
+                    settlement.delivery.subscription,
+                    settlement.delivery.id,
+                    exc,
+                )
+                failure = Failure(
+                    error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+                    message=f"an emitted event was refused: {exc}",
+                    at=self.broker.clock(),
+                )
+                dead = Settlement(delivery=settlement.delivery, outcome="dead", failure=failure)
+                await self.broker.settle([dead])
+            except Exception:
+                self.pending[:0] = batch[index:]  # the broker is failing: the loop retries
+                raise
+
     async def run(self) -> None:
         backoff = 0.05
         while True:
@@ -60,6 +83,9 @@ class Settler:
             try:
                 await self.broker.settle(batch)
                 backoff = 0.05
+            except PublishError:
+                # permanent, and caused by one message's emits: settle apart, dead-letter it
+                await self._settle_apart(batch)
             except Exception as exc:
                 self.pending[:0] = batch
                 log.warning(
