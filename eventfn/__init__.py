@@ -6,8 +6,10 @@
 """
 
 from eventfn.app import App
+from eventfn.batch import BatchResult
 from eventfn.brokers.base import Broker, DeadLetterRecord, Delivery, SubscriptionRef
 from eventfn.context import Context
+from eventfn.deadletters import DeadLetterQueue
 from eventfn.events import Envelope, event_type
 from eventfn.exceptions import (
     BrokerError,
@@ -33,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "App",
+    "BatchResult",
     "Broker",
     "BrokerError",
     "BrokerUnavailable",
@@ -40,6 +43,7 @@ __all__ = [
     "ConfigurationError",
     "Context",
     "DeadLetter",
+    "DeadLetterQueue",
     "DeadLetterRecord",
     "DecodeError",
     "Delivery",

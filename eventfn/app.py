@@ -11,6 +11,7 @@ import msgspec
 
 from eventfn import context as _context
 from eventfn.brokers import DEFAULT_URL, Broker, OutgoingMessage, from_url
+from eventfn.deadletters import DeadLetterQueue
 from eventfn.events import (
     DEFAULT_MAX_PAYLOAD,
     Envelope,
@@ -273,6 +274,15 @@ class App:
             await self.declare(broker)
             self._broker = broker
             return broker
+
+    def dead_letters(self, subscription: str | None = None) -> DeadLetterQueue:
+        """The dead letters on this app's broker (all, or one subscription's).
+
+        >>> async with app:
+        ...     records = await app.dead_letters("order-events/email").list(error="DecodeError")
+        ...     await app.dead_letters().replay([r.id for r in records])
+        """
+        return DeadLetterQueue(self.broker, subscription)
 
     async def declare(self, broker: Broker | None = None) -> None:
         """Create this app's destinations and subscriptions on the broker (idempotent)."""

@@ -1,4 +1,4 @@
-"""The ``eventfn`` command: run | publish | inspect.
+"""The ``eventfn`` command: run | publish | inspect | dlq.
 
 ``APP`` is ``module:attribute`` (``shop:app``; ``:app`` may be left out) or ``path/to/file.py``;
 the current directory is importable, as with uvicorn.
@@ -21,6 +21,7 @@ from typing import Any, TextIO
 import anyio
 import msgspec
 
+from eventfn._cli_dlq import add_dlq_parser, run_dlq
 from eventfn.app import App
 from eventfn.brokers import OutgoingMessage, from_url, installed_schemes, redact_url
 from eventfn.exceptions import ConfigurationError, EventfnError
@@ -235,6 +236,8 @@ def _parser() -> argparse.ArgumentParser:
     ins = commands.add_parser("inspect", help="list the app's subscriptions")
     ins.add_argument("app")
     ins.add_argument("--json", action="store_true", help="one JSON object per subscription")
+
+    add_dlq_parser(commands, "broker URL (default: $EVENTFN_BROKER, else sqlite:///eventfn.db)")
     return parser
 
 
@@ -262,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return anyio.run(_run, args)
         if args.command == "publish":
             return anyio.run(_publish, args)
+        if args.command == "dlq":
+            return anyio.run(run_dlq, args)
         return _inspect(args)
     except EventfnError as exc:
         print(f"eventfn: error: {_safe(exc)}", file=sys.stderr)

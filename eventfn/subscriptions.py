@@ -49,6 +49,7 @@ class Subscription:
 
     __slots__ = (
         "batch",
+        "batch_plan",
         "build_args",
         "concurrency",
         "data_type",
@@ -86,10 +87,22 @@ class Subscription:
         self.key = key
         self.batch = batch
         self.skip_key_on_error = skip_key_on_error
-        plan = _plan(handler, self.name)
-        self.data_type: Any = plan.data_type
-        self.wants_context = plan.wants_context
-        self.build_args: ArgBuilder = plan.build
+        if batch is not None:
+            self.batch_plan: BatchPlan | None = _batch_plan(handler, self.name)
+            self.data_type: Any = self.batch_plan.data_type
+            self.wants_context = False
+            self.build_args: ArgBuilder = _no_single
+            if self.options.idempotent:
+                raise RegistrationError(
+                    f"handler {self.name}: idempotent= is not supported on a batch handler; "
+                    "make the batch's writes idempotent (e.g. upserts keyed by the event id)"
+                )
+        else:
+            plan = _plan(handler, self.name)
+            self.batch_plan = None
+            self.data_type = plan.data_type
+            self.wants_context = plan.wants_context
+            self.build_args = plan.build
 
     def describe(self) -> dict[str, Any]:
         """A plain summary, as ``eventfn inspect`` prints it."""
@@ -118,6 +131,26 @@ class _Plan:
 
 
 def _plan(fn: Handler, name: str) -> _Plan:
+    steps: list[Callable[[Envelope, Context | None], Any]] = []
+    data_type: Any = None
+    wants_context = False
+    for param, hint in _signature(fn, name):
+        step, is_data = _step_for(hint, name, param)
+        if hint is Context:
+            wants_context = True
+        if is_data:
+            if data_type is not None:
+                raise RegistrationError(
+                    f"handler {name}: more than one event parameter ({param!r}); a handler "
+                    "receives one event, plus optionally Envelope, bytes and Context"
+                )
+            data_type = hint
+        steps.append(step)
+    return _Plan(data_type, wants_context, _builder(steps))
+
+
+def _signature(fn: Handler, name: str) -> list[tuple[str, Any]]:
+    """``(parameter name, annotation)`` of an async handler, or a RegistrationError."""
     if not inspect.iscoroutinefunction(fn):
         raise RegistrationError(
             f"handler {name} is not an async function; write it as `async def` "
@@ -130,11 +163,8 @@ def _plan(fn: Handler, name: str) -> _Plan:
             f"handler {name}: its annotations cannot be resolved ({exc}); import the types "
             "it names at module level"
         ) from None
-    params = list(inspect.signature(fn).parameters.values())
-    steps: list[Callable[[Envelope, Context | None], Any]] = []
-    data_type: Any = None
-    wants_context = False
-    for param in params:
+    found = []
+    for param in inspect.signature(fn).parameters.values():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.KEYWORD_ONLY):
             raise RegistrationError(
                 f"handler {name}: parameter {param.name!r} must be a plain positional parameter"
@@ -144,19 +174,60 @@ def _plan(fn: Handler, name: str) -> _Plan:
                 f"handler {name}: parameter {param.name!r} has no annotation; annotate it with "
                 "the event type (a msgspec.Struct), eventfn.Envelope, bytes or eventfn.Context"
             )
-        hint = hints[param.name]
-        step, is_data = _step_for(hint, name, param.name)
+        found.append((param.name, hints[param.name]))
+    return found
+
+
+class BatchPlan:
+    """How a batch handler's arguments are made: per item, then assembled into lists.
+
+    ``item(envelope)`` decodes one message (raising DecodeError for a poison one);
+    ``assemble(items, ctx)`` builds the argument list from the decoded items.
+    """
+
+    def __init__(self, data_type: Any, steps: list[Callable[[Envelope, Any], Any] | None]) -> None:
+        self.data_type = data_type
+        self._steps = steps
+        self._item_steps = [step for step in steps if step is not None]
+
+    def item(self, envelope: Envelope) -> list[Any]:
+        return [step(envelope, None) for step in self._item_steps]
+
+    def assemble(self, items: list[list[Any]], ctx: Context) -> list[Any]:
+        args: list[Any] = []
+        column = 0
+        for step in self._steps:
+            if step is None:
+                args.append(ctx)
+            else:
+                args.append([values[column] for values in items])
+                column += 1
+        return args
+
+
+def _batch_plan(fn: Handler, name: str) -> BatchPlan:
+    steps: list[Callable[[Envelope, Any], Any] | None] = []
+    data_type: Any = None
+    for param, hint in _signature(fn, name):
         if hint is Context:
-            wants_context = True
+            steps.append(None)
+            continue
+        if typing.get_origin(hint) is not list or not typing.get_args(hint):
+            raise RegistrationError(
+                f"handler {name} has batch= so parameter {param!r} must be a list, e.g. "
+                "list[Row] (or list[eventfn.Envelope], list[bytes], or an eventfn.Context)"
+            )
+        step, is_data = _step_for(typing.get_args(hint)[0], name, param)
         if is_data:
             if data_type is not None:
-                raise RegistrationError(
-                    f"handler {name}: more than one event parameter ({param.name!r}); a handler "
-                    "receives one event, plus optionally Envelope, bytes and Context"
-                )
+                raise RegistrationError(f"handler {name}: more than one list of events")
             data_type = hint
         steps.append(step)
-    return _Plan(data_type, wants_context, _builder(steps))
+    return BatchPlan(data_type, steps)
+
+
+def _no_single(envelope: Envelope, ctx: Context | None) -> list[Any]:
+    raise TypeError("a batch handler is called with batches only")
 
 
 def _builder(steps: list[Callable[[Envelope, Context | None], Any]]) -> ArgBuilder:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import msgspec
 
 from eventfn import context as _context
 from eventfn.app import App
+from eventfn.batch import BatchItemFailed, BatchResult
 from eventfn.brokers.base import Delivery, Failure, Settlement
 from eventfn.context import Context
-from eventfn.events import decode_envelope
+from eventfn.events import Envelope, decode_envelope
 from eventfn.exceptions import DeadLetter, DecodeError, Drop, Duplicate
 from eventfn.middleware import (
     Call,
@@ -94,20 +96,82 @@ class Processor:
             log.info("handled %s id=%s attempt=%d", self.name, delivery.id, delivery.attempt)
         return Settlement(delivery=delivery, outcome="ack", emitted=tuple(ctx.emitted))
 
+    async def run_batch(self, deliveries: list[Delivery]) -> list[Settlement]:
+        """Run a batch handler once on several deliveries; one settlement for each."""
+        plan = self.subscription.batch_plan
+        assert plan is not None
+        settlements: list[Settlement] = []
+        good: list[tuple[Delivery, Envelope, list[Any]]] = []
+        for delivery in deliveries:
+            try:
+                envelope = decode_envelope(delivery.body)
+                good.append((delivery, envelope, plan.item(envelope)))
+            except DecodeError as exc:  # a poison item goes aside; the rest still run
+                settlements.append(self._dead(delivery, exc, poison=True))
+        if not good:
+            return settlements
+        first, envelope, _ = good[0]
+        ctx = Context(self.app, self.name, first, envelope)
+        args = plan.assemble([values for _, _, values in good], ctx)
+        token = _context._current.set(ctx)
+        try:
+            result = await self.call(Invocation(self.subscription, first, envelope, args, ctx))
+        except Drop as exc:
+            return settlements + [self._drop(d, exc) for d, _, _ in good]
+        except DeadLetter as exc:
+            return settlements + [self._dead(d, exc) for d, _, _ in good]
+        except Exception as exc:
+            if self.breaker is not None:  # one failed call of the dependency, however many items
+                self.breaker.failure(min(d.attempt for d, _, _ in good))
+            return settlements + [self._failed(d, exc, count=False) for d, _, _ in good]
+        finally:
+            _context._current.reset(token)
+        return settlements + self._batch_outcome(good, result, ctx)
+
+    def _batch_outcome(
+        self, good: list[tuple[Delivery, Envelope, list[Any]]], result: Any, ctx: Context
+    ) -> list[Settlement]:
+        failed: set[int] = set()
+        reason = ""
+        if isinstance(result, BatchResult):
+            reason = result.reason
+            named = {id(item) for item in result.failed}
+            failed = {
+                i
+                for i, (_, env, values) in enumerate(good)
+                if id(env) in named or any(id(v) in named for v in values)
+            }
+        error = BatchItemFailed(
+            f"the batch handler reported this item failed: {reason}".rstrip(": ")
+        )
+        settlements: list[Settlement] = []
+        emitted = tuple(ctx.emitted)
+        for index, (delivery, _, _) in enumerate(good):
+            if index in failed:
+                settlements.append(self._failed(delivery, error, count=False))
+                continue
+            self.counters.handled += 1
+            settlements.append(Settlement(delivery=delivery, outcome="ack", emitted=emitted))
+            emitted = ()  # the batch's emitted events go out once, with its first ack
+        if len(failed) < len(good) and self.breaker is not None:
+            self.breaker.success()
+        log.info("handled batch %s: %d items, %d failed", self.name, len(good), len(failed))
+        return settlements
+
     def _failure(self, exc: BaseException, *, with_traceback: bool = True) -> Failure:
         text = "".join(traceback.format_exception(exc)) if with_traceback else ""
         return Failure(
             error_type=_qualified(exc), message=str(exc), traceback=text, at=self.clock()
         )
 
-    def _failed(self, delivery: Delivery, exc: Exception) -> Settlement:
+    def _failed(self, delivery: Delivery, exc: Exception, *, count: bool = True) -> Settlement:
         if isinstance(exc, Retry):
             verdict = "retry" if delivery.attempt < self.retry.attempts else "dead"
             delay = exc.after if exc.after is not None else self.retry.delay(delivery.attempt)
         else:
             verdict = self.retry.classify(exc, delivery.attempt)
             delay = self.retry.delay(delivery.attempt)
-            if self.breaker is not None:
+            if self.breaker is not None and count:
                 self.breaker.failure(delivery.attempt)
         if verdict == "dead" or self.skip_key:
             return self._dead(delivery, exc)

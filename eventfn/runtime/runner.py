@@ -70,6 +70,14 @@ class _Consumer:
         self.held = 0
         self.ordered = subscription.ref.kind == "stream"
         self.lanes: dict[str, deque[Delivery]] = {}
+        # a batch subscription keeps its own buffer and tasks, outside the worker pool
+        self.batch = subscription.batch
+        self.buffer: deque[Delivery] = deque()
+        self.more = anyio.Event()
+        if self.batch is not None:
+            batches = subscription.concurrency or 1
+            self.limit = self.batch[0] * (batches + 1)
+            self.refill = self.batch[0]
 
 
 class Runner:
@@ -143,6 +151,8 @@ class Runner:
         self._stop.set()
         self._work.set()
         self._room.set()
+        for consumer in self._consumers:
+            consumer.more.set()
 
     def summary(self) -> Summary:
         """Counts so far, per subscription."""
@@ -191,6 +201,9 @@ class Runner:
             inner.start_soon(self._stopper, inner.cancel_scope)
             for consumer in self._consumers:
                 inner.start_soon(self._fetch_loop, consumer)
+                if consumer.batch is not None:
+                    for _ in range(consumer.subscription.concurrency or 1):
+                        inner.start_soon(self._batch_loop, consumer)
             for _ in range(self.concurrency):
                 inner.start_soon(self._worker)
             if self.burst:
@@ -209,6 +222,9 @@ class Runner:
     # -- fetching -----------------------------------------------------------------------------
 
     def _room_for(self, consumer: _Consumer) -> int:
+        if consumer.batch is not None:
+            room = min(consumer.limit - consumer.held, self.fetch_max)
+            return room if room >= consumer.refill or consumer.held == 0 else 0
         room = min(self.limit - self._held, consumer.limit - consumer.held, self.fetch_max)
         if room >= min(consumer.refill, self.limit - self._held) or consumer.held == 0:
             return room
@@ -257,10 +273,16 @@ class Runner:
                 self._settler.add(consumer.processor.release(delivery))
             return
         consumer.held += len(batch)
+        for delivery in batch:
+            self._leased[id(delivery)] = delivery
+        if consumer.batch is not None:
+            consumer.buffer.extend(batch)
+            consumer.more.set()
+            consumer.more = anyio.Event()
+            return
         self._held += len(batch)
         self.peak_held = max(self.peak_held, self._held)
         for delivery in batch:
-            self._leased[id(delivery)] = delivery
             self._ready.append((consumer, delivery))
         self._work.set()
         self._work = anyio.Event()
@@ -270,6 +292,9 @@ class Runner:
             consumer, delivery = self._ready.popleft()
             self._finish(consumer, delivery, consumer.processor.release(delivery))
         for consumer in self._consumers:
+            while consumer.buffer:
+                delivery = consumer.buffer.popleft()
+                self._finish(consumer, delivery, consumer.processor.release(delivery))
             for lane in consumer.lanes.values():
                 while lane:
                     delivery = lane.popleft()
@@ -335,8 +360,39 @@ class Runner:
         self._settler.add(settlement)
         self._leased.pop(id(delivery), None)
         consumer.held -= 1
-        self._held -= 1
+        if consumer.batch is None:
+            self._held -= 1
         self._room.set()
+
+    async def _batch_loop(self, consumer: _Consumer) -> None:
+        assert consumer.batch is not None
+        size, wait = consumer.batch
+        while await self._gather(consumer, size, wait):
+            items = [consumer.buffer.popleft() for _ in range(min(size, len(consumer.buffer)))]
+            self._running += 1
+            try:
+                settlements = await consumer.processor.run_batch(items)
+            except anyio.get_cancelled_exc_class():
+                for delivery in items:
+                    self._finish(consumer, delivery, consumer.processor.release(delivery))
+                raise
+            finally:
+                self._running -= 1
+                if not self._running:
+                    self._idle.set()
+            for settlement in settlements:
+                self._finish(consumer, settlement.delivery, settlement)
+
+    async def _gather(self, consumer: _Consumer, size: int, wait: float) -> bool:
+        """Wait for a full batch, or for ``wait`` seconds after its first item; False at stop."""
+        while not consumer.buffer:
+            if self._stopping:
+                return False
+            await consumer.more.wait()
+        with anyio.move_on_after(wait):
+            while len(consumer.buffer) < size and not self._stopping:
+                await consumer.more.wait()
+        return not self._stopping and bool(consumer.buffer)
 
     # -- background duties ---------------------------------------------------------------------
 
@@ -356,7 +412,7 @@ class Runner:
     async def _watch_burst(self) -> None:
         while not self._stopping:
             await anyio.sleep(0.05)
-            if self._held or not self._settler.idle:
+            if self._held or not self._settler.idle or any(c.held for c in self._consumers):
                 continue
             pending = 0
             for consumer in self._consumers:
