@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import uuid
+
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import eventfn
+from eventfn.brokers import Settlement, SubscriptionRef
+from eventfn.brokers.memory import MemoryBroker
+from eventfn.runtime.process import Processor
+
+
+class Job(msgspec.Struct):
+    n: int
 
 
 def test_exponential_backoff_without_jitter() -> None:
@@ -40,3 +50,28 @@ def test_bad_policies_fail_with_a_message() -> None:
         eventfn.Retry(factor=0.5)
     with pytest.raises(eventfn.ConfigurationError, match="use 'full', 'equal' or 'none'"):
         eventfn.Retry(jitter="sometimes")  # type: ignore[arg-type]
+
+
+async def test_a_retry_waits_in_the_broker_until_due_on_a_fake_clock() -> None:
+    now = [1_000.0]
+    broker = MemoryBroker(f"memory://{uuid.uuid4().hex}", clock=lambda: now[0])
+    app = eventfn.App("clock")
+
+    @app.on_queue("jobs", retry=eventfn.Retry(attempts=4, backoff=2.0, factor=3.0, jitter="none"))
+    async def fail(job: Job) -> None:
+        raise ConnectionError("down")
+
+    ref = SubscriptionRef(destination="jobs", kind="queue")
+    await app.connect(broker)
+    await app.publish("jobs", Job(1))
+    processor = Processor(app, app.subscriptions[0], (), broker.clock)
+    for expected_delay in (2.0, 6.0, 18.0):
+        (delivery,) = await broker.fetch(ref, 1, lease=30)
+        settlement: Settlement = await processor(delivery)
+        assert settlement.outcome == "retry" and settlement.delay == expected_delay
+        await broker.settle([settlement])
+        now[0] += expected_delay - 0.001
+        assert await broker.fetch(ref, 1, lease=30) == []  # not a moment before it is due
+        now[0] += 0.001
+    (last,) = await broker.fetch(ref, 1, lease=30)
+    assert last.attempt == 4 and (await processor(last)).outcome == "dead"

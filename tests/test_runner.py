@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter, defaultdict
 from functools import partial
+from pathlib import Path
 
 import anyio
 import msgspec
@@ -318,3 +319,33 @@ async def test_emitting_to_an_undeclared_destination_dead_letters_the_message(
     assert "nobody-declared-this" in record.error_message
     assert record.error_message.startswith("an emitted event was refused")
     assert (await broker.stats(app.subscriptions[0].ref)).pending == 0
+
+
+async def test_attempts_survive_a_runner_restart(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'restart.db'}"
+    app = eventfn.App("restart", retry=eventfn.Retry(attempts=3, backoff=0.2, jitter="none"))
+    attempts: list[int] = []
+    failed_once = anyio.Event()
+
+    @app.on_queue("jobs")
+    async def flaky(job: Job, ctx: eventfn.Context) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            failed_once.set()
+            raise ConnectionError("first try fails")
+
+    async with from_url(url) as first:
+        await app.connect(first)
+        await app.publish("jobs", Job(1))
+        runner = eventfn.Runner(app, first, poll=0.05)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(runner.run)
+            with anyio.fail_after(30):
+                await failed_once.wait()
+            runner.stop()
+        await app.close()
+    async with from_url(url) as second:  # a new process, in effect: nothing kept in memory
+        await app.connect(second)
+        await burst(app, second)
+        await app.close()
+    assert attempts == [1, 2]
