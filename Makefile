@@ -6,10 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit install bench bench-big clean
 
-$(STAMP): pyproject.toml
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+
+# the core with its dev tools, and every broker plug-in in plugins/ (each its own distribution)
+$(STAMP): pyproject.toml $(PLUGINS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev]" $(foreach p,$(PLUGINS),-e $(dir $(p)))
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -18,11 +21,11 @@ demo: $(STAMP)
 	$(BIN)/python examples/orders/demo.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check eventfn tests examples benchmarks
-	$(BIN)/ruff format --check eventfn
+	$(BIN)/ruff check eventfn plugins tests examples benchmarks
+	$(BIN)/ruff format --check eventfn plugins
 
 typecheck: $(STAMP)
-	$(BIN)/mypy eventfn
+	$(BIN)/mypy eventfn $(foreach p,$(PLUGINS),$(wildcard $(dir $(p))eventfn_*))
 
 unit: $(STAMP)
 	$(BIN)/pytest -q

@@ -161,6 +161,9 @@ class Broker(abc.ABC):
     """
 
     scheme: ClassVar[str] = ""
+    known_gaps: ClassVar[dict[str, str]] = {}
+    """Conformance checks (by name) this broker cannot meet, each with the reason. The suite
+    runs them as strict expected failures, and the broker's docs say the same."""
 
     def __init__(self, url: str, *, clock: Clock = time.time) -> None:
         self.url = url
@@ -260,6 +263,14 @@ class Broker(abc.ABC):
         (one per subscription and message id) goes back to state ``dead``, keeping the count.
         Returns how many were replayed; ids that are unknown or not ``dead`` are skipped.
         """
+
+    async def drop(self) -> None:
+        """Delete everything this broker stores under its URL's namespace: destinations,
+        subscriptions, messages, dead letters. For tests and tear-down; a broker that cannot
+        say so raises ``NotImplementedError``. Networked brokers take a ``namespace`` query
+        parameter in their URL (``redis://host/0?namespace=staging``) that prefixes every name
+        they create, so that apps, environments and test runs never see each other's data."""
+        raise NotImplementedError(f"{type(self).__name__} cannot drop its data")
 
     @abc.abstractmethod
     async def purge(self, subscription: str | None = None) -> int:
