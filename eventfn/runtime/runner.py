@@ -12,8 +12,8 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
-from contextlib import AsyncExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import AsyncExitStack, contextmanager
 
 import anyio
 import msgspec
@@ -341,18 +341,25 @@ class Runner:
         finally:
             del consumer.lanes[key]
 
-    async def _run_one(self, consumer: _Consumer, delivery: Delivery) -> str:
+    @contextmanager
+    def _slot(self, consumer: _Consumer, deliveries: Sequence[Delivery]) -> Iterator[None]:
+        """Count a running handler call; if it is cancelled, give its deliveries back."""
         self._running += 1
         self.peak_running = max(self.peak_running, self._running)
         try:
-            settlement = await consumer.processor(delivery)
+            yield
         except anyio.get_cancelled_exc_class():
-            self._finish(consumer, delivery, consumer.processor.release(delivery))
+            for delivery in deliveries:
+                self._finish(consumer, delivery, consumer.processor.release(delivery))
             raise
         finally:
             self._running -= 1
             if not self._running:
                 self._idle.set()
+
+    async def _run_one(self, consumer: _Consumer, delivery: Delivery) -> str:
+        with self._slot(consumer, (delivery,)):
+            settlement = await consumer.processor(delivery)
         self._finish(consumer, delivery, settlement)
         return settlement.outcome
 
@@ -369,17 +376,8 @@ class Runner:
         size, wait = consumer.batch
         while await self._gather(consumer, size, wait):
             items = [consumer.buffer.popleft() for _ in range(min(size, len(consumer.buffer)))]
-            self._running += 1
-            try:
+            with self._slot(consumer, items):
                 settlements = await consumer.processor.run_batch(items)
-            except anyio.get_cancelled_exc_class():
-                for delivery in items:
-                    self._finish(consumer, delivery, consumer.processor.release(delivery))
-                raise
-            finally:
-                self._running -= 1
-                if not self._running:
-                    self._idle.set()
             for settlement in settlements:
                 self._finish(consumer, settlement.delivery, settlement)
 
