@@ -37,7 +37,7 @@ def test_first_handler_module_runs_as_the_readme_says(tmp_path: Path) -> None:
 
     inspect = eventfn("inspect", "shop:app")
     assert inspect.returncode == 0, inspect.stderr
-    assert inspect.stdout.count("topic") == 3
+    assert inspect.stdout.count("group=") == 3 and "types=inventory.reserved" in inspect.stdout
     declare = eventfn("run", "shop:app", "--burst", "--broker", broker)
     assert declare.returncode == 0, declare.stderr
     for document in (
