@@ -12,7 +12,7 @@ PLUGINS := $(wildcard plugins/*/pyproject.toml)
 $(STAMP): pyproject.toml $(PLUGINS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]" $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	$(BIN)/pip install --quiet -e ".[dev]" $(foreach p,$(PLUGINS),-e "$(dir $(p))[dev]")
 	touch $(STAMP)
 
 install: $(STAMP)
