@@ -90,7 +90,8 @@ def build_chain(
 
 
 # The layers live in their own modules, which import the names above: import them last.
+from eventfn.middleware.idempotency import idempotency  # noqa: E402
 from eventfn.middleware.ratelimit import rate_limit  # noqa: E402
 
-DEFAULT_MIDDLEWARE: tuple[Middleware, ...] = (rate_limit, timeout)
+DEFAULT_MIDDLEWARE: tuple[Middleware, ...] = (idempotency, rate_limit, timeout)
 """The default chain, outermost first."""
