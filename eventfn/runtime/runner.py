@@ -413,8 +413,12 @@ class Runner:
             if self._held or not self._settler.idle or any(c.held for c in self._consumers):
                 continue
             pending = 0
-            for consumer in self._consumers:
-                pending += (await self.broker.stats(consumer.ref)).pending
+            try:
+                for consumer in self._consumers:
+                    pending += (await self.broker.stats(consumer.ref)).pending
+            except Exception as exc:  # the broker is down: the fetch loops reconnect; look again
+                log.warning("burst: cannot read the backlog: %s: %s", type(exc).__name__, exc)
+                continue
             if pending == 0 and not self._held and self._settler.idle:
                 log.info("burst: nothing left to handle")
                 self.stop()
