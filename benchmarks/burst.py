@@ -190,8 +190,14 @@ def main() -> None:
             )
     if args.write:
         RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / "burst.json"
+        measured = {(c["handler"], c["n"]) for c in cases}
+        if path.exists():  # keep earlier cases this run did not measure (e.g. N = 1,000,000)
+            earlier = json.loads(path.read_text())["cases"]
+            cases += [c for c in earlier if (c["handler"], c["n"]) not in measured]
+        cases.sort(key=lambda c: (c["handler"], c["n"]))
         document = {"benchmark": "burst", "machine": machine(), "when": time.strftime("%Y-%m-%d"), "cases": cases}
-        (RESULTS / "burst.json").write_text(json.dumps(document, indent=2) + "\n")
+        path.write_text(json.dumps(document, indent=2) + "\n")
         subprocess.run([sys.executable, str(HERE / "report.py")], check=True)
 
 

@@ -408,8 +408,10 @@ class Runner:
                 )
 
     async def _watch_burst(self) -> None:
+        pause = 0.05
         while not self._stopping:
-            await anyio.sleep(0.05)
+            await anyio.sleep(pause)
+            pause = 0.05
             if self._held or not self._settler.idle or any(c.held for c in self._consumers):
                 continue
             pending = 0
@@ -418,6 +420,7 @@ class Runner:
                     pending += (await self.broker.stats(consumer.ref)).pending
             except Exception as exc:  # the broker is down: the fetch loops reconnect; look again
                 log.warning("burst: cannot read the backlog: %s: %s", type(exc).__name__, exc)
+                pause = 2.0  # once per outage second or two, not every 50 ms
                 continue
             if pending == 0 and not self._held and self._settler.idle:
                 log.info("burst: nothing left to handle")
