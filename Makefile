@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit install bench bench-big clean
+.PHONY: demo test lint typecheck unit install bench bench-big bench-brokers clean
 
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 
@@ -34,6 +34,9 @@ test: lint typecheck unit
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/burst.py --write
+
+bench-brokers: $(STAMP)
+	$(BIN)/python benchmarks/burst.py --broker redis nats postgresql --n 20000 --runs 3 --write
 
 bench-big: $(STAMP)
 	$(BIN)/python benchmarks/burst.py --big --write

@@ -1,4 +1,4 @@
-"""Burst drain on the embedded SQLite broker: publish N events, then drain them with the runner.
+"""Burst drain: publish N events to a queue, then drain them with the runner, on any broker.
 
 Each case runs in fresh processes: one publishes the backlog, another runs the runner in burst
 mode until drained and reports throughput, end-to-end latency (publish time to handler start),
@@ -8,6 +8,10 @@ fixed size, so the measurement itself does not grow with N.
     python benchmarks/burst.py                      # N = 10,000 and 100,000, no-op and sleep
     python benchmarks/burst.py --big                # adds N = 1,000,000
     python benchmarks/burst.py --n 100000 --handler noop --runs 3 --write
+    python benchmarks/burst.py --broker sqlite redis nats postgresql --n 20000   # one table
+
+Networked brokers run against their servers on 127.0.0.1 (see shared/SERVICES.md), each case
+in a namespace of its own that is dropped afterwards.
 """
 
 from __future__ import annotations
@@ -93,7 +97,9 @@ async def publish(url: str, count: int) -> None:
     await app.connect(url)
     batch = 5000
     for start in range(0, count, batch):
-        await app.publish_many(app.message("burst", Job(n)) for n in range(start, min(count, start + batch)))
+        await app.publish_many(
+            app.message("burst", Job(n)) for n in range(start, min(count, start + batch))
+        )
     await app.close()
 
 
@@ -122,15 +128,37 @@ async def drain(url: str, count: int, kind: str, concurrency: int) -> dict[str, 
     }
 
 
-def run_case(count: int, kind: str, concurrency: int) -> dict[str, Any]:
+URLS = {
+    "redis": "redis://127.0.0.1:6379/0?namespace={ns}",
+    "nats": "nats://127.0.0.1:4222?namespace={ns}",
+    "amqp": "amqp://guest:guest@127.0.0.1:5672/?namespace={ns}",
+    "postgresql": "postgresql://127.0.0.1:5432/test?namespace={ns}",
+}
+
+
+async def drop(url: str) -> None:
+    async with from_url(url) as broker:
+        await broker.drop()
+
+
+def run_case(broker: str, count: int, kind: str, concurrency: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="eventfn-bench-") as tmp:
-        url = f"sqlite:///{tmp}/burst.db"
+        if broker == "sqlite":
+            url = f"sqlite:///{tmp}/burst.db"
+        else:
+            url = URLS[broker].format(ns=f"bench{os.getpid()}x{time.monotonic_ns() % 10**9}")
         me = [sys.executable, str(Path(__file__).resolve())]
-        subprocess.run([*me, "_publish", url, str(count)], check=True)
-        out = subprocess.run(
-            [*me, "_drain", url, str(count), kind, str(concurrency)],
-            check=True, capture_output=True, text=True,
-        ).stdout
+        try:
+            subprocess.run([*me, "_publish", url, str(count)], check=True)
+            out = subprocess.run(
+                [*me, "_drain", url, str(count), kind, str(concurrency)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        finally:
+            if broker != "sqlite":
+                anyio.run(drop, url)
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     if result["missing"]:
         raise SystemExit(f"{kind} N={count}: {result['missing']} events were not handled")
@@ -166,39 +194,70 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--big", action="store_true", help="add N = 1,000,000")
-    parser.add_argument("--handler", choices=["noop", "sleep"], nargs="+", default=["noop", "sleep"])
+    parser.add_argument(
+        "--handler", choices=["noop", "sleep"], nargs="+", default=["noop", "sleep"]
+    )
+    parser.add_argument("--broker", choices=["sqlite", *URLS], nargs="+", default=["sqlite"])
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3, help="runs per case (median reported)")
-    parser.add_argument("--write", action="store_true", help="save results and regenerate RESULTS.md")
+    parser.add_argument(
+        "--write", action="store_true", help="save results and regenerate RESULTS.md"
+    )
     args = parser.parse_args()
     sizes = sorted(set(args.n + ([1_000_000] if args.big else [])))
     cases = []
-    for kind in args.handler:
-        for count in sizes:
-            runs = [run_case(count, kind, args.concurrency) for _ in range(args.runs)]
-            case = {"handler": kind, "n": count, "concurrency": args.concurrency, **summarize(runs)}
-            cases.append(case)
-            print(
-                f"{kind:<6} N={count:>9,}  {case['throughput']:>9,.0f} events/s "
-                f"({case['throughput_min']:,.0f}-{case['throughput_max']:,.0f})  "
-                f"{case['cpu_us_per_event']:5.1f} µs CPU/event  p50 {case['p50_ms']:8.1f} ms  "
-                f"p99 {case['p99_ms']:8.1f} ms  peak RSS {case['peak_rss_mb']:6.1f} MB",
-                flush=True,
-            )
+    for broker in args.broker:
+        for kind in args.handler:
+            for count in sizes:
+                runs = [run_case(broker, count, kind, args.concurrency) for _ in range(args.runs)]
+                case = {
+                    "broker": broker,
+                    "handler": kind,
+                    "n": count,
+                    "concurrency": args.concurrency,
+                    **summarize(runs),
+                }
+                cases.append(case)
+                report(case)
     if args.write:
-        RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / "burst.json"
-        measured = {(c["handler"], c["n"]) for c in cases}
-        if path.exists():  # keep earlier cases this run did not measure (e.g. N = 1,000,000)
-            earlier = json.loads(path.read_text())["cases"]
-            cases += [c for c in earlier if (c["handler"], c["n"]) not in measured]
-        cases.sort(key=lambda c: (c["handler"], c["n"]))
-        document = {"benchmark": "burst", "machine": machine(), "when": time.strftime("%Y-%m-%d"), "cases": cases}
-        path.write_text(json.dumps(document, indent=2) + "\n")
-        subprocess.run([sys.executable, str(HERE / "report.py")], check=True)
+        write(cases)
+
+
+def report(case: dict[str, Any]) -> None:
+    print(
+        f"{case['broker']:<10} {case['handler']:<6} N={case['n']:>9,}  "
+        f"{case['throughput']:>9,.0f} events/s "
+        f"({case['throughput_min']:,.0f}-{case['throughput_max']:,.0f})  "
+        f"{case['cpu_us_per_event']:5.1f} µs CPU/event  p50 {case['p50_ms']:8.1f} ms  "
+        f"p99 {case['p99_ms']:8.1f} ms  peak RSS {case['peak_rss_mb']:6.1f} MB",
+        flush=True,
+    )
+
+
+def write(cases: list[dict[str, Any]]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "burst.json"
+    measured = {(c["broker"], c["handler"], c["n"]) for c in cases}
+    if path.exists():  # keep earlier cases this run did not measure (e.g. N = 1,000,000)
+        earlier = json.loads(path.read_text())["cases"]
+        for c in earlier:
+            c.setdefault("broker", "sqlite")
+        cases += [c for c in earlier if (c["broker"], c["handler"], c["n"]) not in measured]
+    order = ["sqlite", *URLS]
+    cases.sort(key=lambda c: (order.index(c["broker"]), c["handler"], c["n"]))
+    document = {
+        "benchmark": "burst",
+        "machine": machine(),
+        "when": time.strftime("%Y-%m-%d"),
+        "cases": cases,
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    subprocess.run([sys.executable, str(HERE / "report.py")], check=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def machine_line(machine: dict[str, Any]) -> str:
 
 def burst_section(doc: dict[str, Any]) -> list[str]:
     lines = [
-        "## Burst drain on the SQLite broker (`benchmarks/burst.py`)",
+        "## Burst drain on every broker (`benchmarks/burst.py`)",
         "",
         f"Measured {doc['when']} on: {machine_line(doc['machine'])}.",
         "",
@@ -31,19 +31,20 @@ def burst_section(doc: dict[str, Any]) -> list[str]:
         "it is mostly time spent waiting in the backlog); peak RSS is the runner process's. "
         "Every run checks that every event was handled.",
         "",
-        "| handler | N | concurrency | events/s | CPU µs/event | p50 ms | p99 ms | max ms | peak RSS MB | runs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| broker | handler | N | concurrency | events/s | CPU µs/event | p50 ms | p99 ms | max ms | peak RSS MB | runs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in doc["cases"]:
         lines.append(
-            f"| {c['handler']} | {c['n']:,} | {c['concurrency']} | {c['throughput']:,.0f} "
+            f"| {c.get('broker', 'sqlite')} | {c['handler']} | {c['n']:,} | {c['concurrency']} | {c['throughput']:,.0f} "
             f"({c['throughput_min']:,.0f}-{c['throughput_max']:,.0f}) | {c['cpu_us_per_event']:.1f} | "
             f"{c['p50_ms']:.1f} | {c['p99_ms']:.1f} | {c['max_ms']:.1f} | {c['peak_rss_mb']:.1f} | {c['runs']} |"
         )
     lines += [
         "",
-        "Reproduce one row: `python benchmarks/burst.py --n 100000 --handler noop --runs 3` "
-        "(`make bench` runs the table; `make bench-big` adds N = 1,000,000).",
+        "Reproduce one row: `python benchmarks/burst.py --broker sqlite --n 100000 --handler noop "
+        "--runs 3` (`make bench` runs the SQLite rows, `make bench-big` adds N = 1,000,000, "
+        "`make bench-brokers` the networked rows).",
         "",
     ]
     return lines

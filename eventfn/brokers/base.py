@@ -30,7 +30,7 @@ import abc
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal, Protocol, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
@@ -137,6 +137,34 @@ class DeadLetterRecord(msgspec.Struct, frozen=True, kw_only=True):
     published_at: float
     replayed: int = 0
     state: Literal["dead", "replayed"] = "dead"
+
+
+class Row(Protocol):
+    """A database row: anything indexable by column number (a tuple, an asyncpg Record)."""
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
+def dead_letter_from_row(row: Row) -> DeadLetterRecord:
+    """A record from a SQL row in field order: id, subscription, message_id, body, key,
+    error_type, error_message, traceback, attempts, first_failed_at, last_failed_at,
+    published_at, replayed, state (the order SQL brokers select them in)."""
+    return DeadLetterRecord(
+        id=str(row[0]),
+        subscription=row[1],
+        message_id=row[2],
+        body=row[3],
+        key=row[4],
+        error_type=row[5],
+        error_message=row[6],
+        traceback=row[7],
+        attempts=row[8],
+        first_failed_at=row[9],
+        last_failed_at=row[10],
+        published_at=row[11],
+        replayed=row[12],
+        state=row[13],
+    )
 
 
 class SubscriptionStats(msgspec.Struct, frozen=True, kw_only=True):

@@ -27,6 +27,7 @@ from eventfn.brokers.base import (
     Settlement,
     SubscriptionRef,
     SubscriptionStats,
+    dead_letter_from_row,
 )
 from eventfn.exceptions import ConfigurationError, UnknownDestination
 from eventfn_postgresql._database import Connection, Database
@@ -348,22 +349,7 @@ class PostgresBroker(Broker):
 
 
 def _record(row: asyncpg.Record) -> DeadLetterRecord:
-    return DeadLetterRecord(
-        id=str(row[0]),
-        subscription=row[1],
-        message_id=row[2],
-        body=row[3],
-        key=row[4],
-        error_type=row[5],
-        error_message=row[6],
-        traceback=row[7],
-        attempts=row[8],
-        first_failed_at=row[9],
-        last_failed_at=row[10],
-        published_at=row[11],
-        replayed=row[12],
-        state=row[13],
-    )
+    return dead_letter_from_row(row)
 
 
 def _record_number(record_id: str) -> int | None:
