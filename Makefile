@@ -36,7 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/burst.py --write
 
 bench-brokers: $(STAMP)
-	$(BIN)/python benchmarks/burst.py --broker redis nats postgresql --n 20000 --runs 3 --write
+	$(BIN)/python benchmarks/burst.py --broker redis nats amqp postgresql --n 20000 --runs 3 --write
 
 bench-big: $(STAMP)
 	$(BIN)/python benchmarks/burst.py --big --write

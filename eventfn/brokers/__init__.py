@@ -65,8 +65,8 @@ def from_url(url: str, *, clock: Clock = time.time) -> Broker:
     if not found:
         raise UnknownBrokerError(
             f"no installed broker handles {scheme}:// (in {redact_url(url)!r}); installed schemes: "
-            f"{', '.join(installed_schemes())}. A networked broker comes from its plug-in, "
-            f'e.g. pip install "eventfn[{scheme}]"'
+            f"{', '.join(installed_schemes())}. A networked broker comes from its plug-in: "
+            f"pip install eventfn-{scheme} (plugins/{scheme} in the eventfn repository)"
         )
     cls = found[0].load()
     if not (isinstance(cls, type) and issubclass(cls, Broker)):
