@@ -8,8 +8,10 @@ from typing import Any, TypeVar, Unpack
 
 import anyio
 import msgspec
+from opentelemetry.trace import SpanKind
 
 from eventfn import context as _context
+from eventfn import telemetry
 from eventfn.brokers import DEFAULT_URL, Broker, OutgoingMessage, from_url
 from eventfn.deadletters import DeadLetterQueue
 from eventfn.events import (
@@ -325,9 +327,12 @@ class App:
         if type is None:
             type = event_type(data.__class__) if isinstance(data, msgspec.Struct) else "message"
         raw, b64, content_type = encode_data(data)
+        message_id = id or new_id(published_at)
+        span = self._send_span(destination, message_id, type)
+        parent, state = telemetry.traceparent(span) if span is not None else (None, None)
         envelope = Envelope(
             specversion="1.0",
-            id=id or new_id(published_at),
+            id=message_id,
             source=self.source,
             type=type,
             time=now_rfc3339(published_at),
@@ -335,16 +340,43 @@ class App:
             datacontenttype=content_type,
             data=raw,
             data_base64=b64,
+            traceparent=parent,
+            tracestate=state,
             partitionkey=key,
         )
+        try:
+            body = encode_envelope(envelope, self.max_payload)
+        except Exception as exc:
+            if span is not None:
+                _end_span(span, exc)
+            raise
         return OutgoingMessage(
             destination=destination,
-            id=envelope.id,
+            id=message_id,
             type=type,
-            body=encode_envelope(envelope, self.max_payload),
+            body=body,
             key=key,
             published_at=published_at,
             delay=delay,
+            span=span,
+        )
+
+    def _send_span(self, destination: str, message_id: str, type: str) -> Any:
+        tracer = telemetry.tracer()
+        if tracer is None:
+            return None
+        system = self._broker.system if self._broker is not None else "eventfn"
+        return tracer.start_span(
+            f"send {destination}",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                telemetry.SYSTEM: system,
+                telemetry.DESTINATION: destination,
+                telemetry.OPERATION_TYPE: "send",
+                telemetry.OPERATION_NAME: "send",
+                telemetry.MESSAGE_ID: message_id,
+                telemetry.EVENT_TYPE: type,
+            },
         )
 
     async def publish(
@@ -377,7 +409,13 @@ class App:
     async def publish_many(self, messages: Iterable[OutgoingMessage]) -> None:
         """Publish messages built with :meth:`message` in one batch."""
         broker = self._broker or await self.connect()
-        await broker.publish(list(messages))
+        batch = list(messages)
+        try:
+            await broker.publish(batch)
+        except BaseException as exc:
+            telemetry.sent(batch, broker.system, exc)
+            raise
+        telemetry.sent(batch, broker.system)
 
     async def emit(self, event: Any, *, key: str | None = None, subject: str | None = None) -> str:
         """Publish a domain event (a ``msgspec.Struct``) on the app's event bus.
@@ -390,6 +428,11 @@ class App:
                 "use publish() for other payloads"
             )
         return await self.publish(self.event_bus, event, key=key, subject=subject)
+
+
+def _end_span(span: Any, exc: BaseException) -> None:
+    telemetry.record_failure(span, type(exc).__qualname__, str(exc))
+    span.end()
 
 
 def _time() -> float:

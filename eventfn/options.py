@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypedDict
 
 import msgspec
 
+from eventfn.events import event_type
 from eventfn.exceptions import RegistrationError
 from eventfn.retry import Retry
 from eventfn.runtime.breaker import CircuitBreaker
@@ -37,6 +38,9 @@ class HandlerOptions(TypedDict, total=False):
     - ``store_result``: keep the handler's return value with the completed key.
     - ``breaker``: the retry-storm guard, ``eventfn.CircuitBreaker(threshold=5, cooldown=1.0)``
       by default; ``False`` turns it off.
+    - ``emits``: what the handler publishes: event classes (on the app's event bus) and
+      destination names, e.g. ``emits=[InventoryReserved, "emails"]``. ``eventfn graph`` draws
+      these flows; emitting anything undeclared logs a warning (once per handler and type).
     """
 
     concurrency: int | None
@@ -49,6 +53,20 @@ class HandlerOptions(TypedDict, total=False):
     on_duplicate: OnDuplicate
     store_result: bool
     breaker: CircuitBreaker | Literal[False] | None
+    emits: Sequence[type[Any] | str] | None
+
+
+class Emits(msgspec.Struct, frozen=True):
+    """What a handler declares it publishes: event types on the bus, and other destinations."""
+
+    events: tuple[str, ...] = ()
+    destinations: tuple[str, ...] = ()
+
+    def covers(self, destination: str, type: str, event_bus: str) -> bool:
+        """Whether publishing a ``type`` message to ``destination`` is declared."""
+        if destination == event_bus and type in self.events:
+            return True
+        return destination in self.destinations
 
 
 class Rate(msgspec.Struct, frozen=True):
@@ -72,6 +90,7 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
     on_duplicate: OnDuplicate = "wait"
     store_result: bool = False
     breaker: CircuitBreaker | None = msgspec.field(default_factory=CircuitBreaker)
+    emits: Emits | None = None
 
 
 _KNOWN = tuple(HandlerOptions.__annotations__)
@@ -141,4 +160,23 @@ def resolve(defaults: Mapping[str, Any], given: Mapping[str, Any], where: str) -
         on_duplicate=merged.get("on_duplicate", "wait"),
         store_result=bool(merged.get("store_result", False)),
         breaker=breaker or None,
+        emits=_emits(given.get("emits"), where),
     )
+
+
+def _emits(declared: Any, where: str) -> Emits | None:
+    if declared is None:
+        return None
+    fix = "emits= takes a list of event classes and destination names, e.g. [OrderPaid, 'emails']"
+    if isinstance(declared, str | bytes) or not isinstance(declared, Sequence | set | frozenset):
+        raise RegistrationError(f"{where}: {fix}, not {declared!r}")
+    events: list[str] = []
+    destinations: list[str] = []
+    for item in declared:
+        if isinstance(item, type) and issubclass(item, msgspec.Struct):
+            events.append(event_type(item))
+        elif isinstance(item, str) and item:
+            destinations.append(item)
+        else:
+            raise RegistrationError(f"{where}: emits= has {item!r}; {fix}")
+    return Emits(events=tuple(events), destinations=tuple(destinations))

@@ -120,6 +120,11 @@ class Subscription:
             "rate": self.options.rate.text if self.options.rate else None,
             "idempotent": self.options.idempotent,
             "batch": self.batch[0] if self.batch else None,
+            "emits": (
+                list(self.options.emits.events) + list(self.options.emits.destinations)
+                if self.options.emits is not None
+                else None
+            ),
         }
 
 

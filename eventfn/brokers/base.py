@@ -65,7 +65,11 @@ class SubscriptionRef(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class OutgoingMessage(msgspec.Struct, frozen=True, kw_only=True):
-    """An encoded envelope on its way to a destination."""
+    """An encoded envelope on its way to a destination.
+
+    ``span`` is the message's open ``send`` span when tracing is on (its context is already in
+    the envelope); whoever publishes the message ends it. Brokers ignore it.
+    """
 
     destination: str
     id: str
@@ -74,6 +78,7 @@ class OutgoingMessage(msgspec.Struct, frozen=True, kw_only=True):
     key: str | None = None
     published_at: float = 0.0
     delay: float = 0.0
+    span: Any = msgspec.field(default=None)
 
 
 class Delivery(msgspec.Struct, kw_only=True):

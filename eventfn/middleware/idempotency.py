@@ -211,7 +211,9 @@ def _outcome(result: Any, emitted: list[OutgoingMessage], scope: str) -> bytes |
             log.error("%s: result not stored, it cannot be encoded as JSON: %s", scope, exc)
     if raw is _NO_RESULT and not emitted:
         return None
-    return _encode(_Outcome(result=raw, emitted=tuple(emitted)))
+    # an open send span is this process's business, not part of what the key keeps
+    kept = tuple(m if m.span is None else msgspec.structs.replace(m, span=None) for m in emitted)
+    return _encode(_Outcome(result=raw, emitted=kept))
 
 
 def _emitted(record: IdempotencyRecord) -> tuple[OutgoingMessage, ...]:

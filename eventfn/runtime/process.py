@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanKind
 
 from eventfn import context as _context
+from eventfn import telemetry
 from eventfn.app import App
 from eventfn.batch import BatchItemFailed, BatchResult
-from eventfn.brokers.base import Delivery, Failure, Settlement
+from eventfn.brokers.base import Delivery, Failure, OutgoingMessage, Settlement
 from eventfn.context import Context
 from eventfn.events import Envelope, decode_envelope
 from eventfn.exceptions import DeadLetter, DecodeError, Drop, Duplicate
@@ -64,27 +70,59 @@ class Processor:
         self.counters = Counters()
         settings = subscription.options.breaker
         self.breaker = Breaker(settings, self.name, clock) if settings else None
+        self.tracer: trace.Tracer | None = None
+        self.meters: telemetry.Metrics | None = None
+        self.attributes: dict[str, str] = {}
+        self._by_outcome: dict[str, dict[str, str]] = {}
+        self._span_name = ""
+        self._emits_seen: set[tuple[str, str]] = set()
 
     def build(self, env: Environment) -> None:
-        """Compose the middleware chain (once, at runner start-up)."""
+        """Compose the middleware chain and look up telemetry (once, at runner start-up)."""
         self.call = build_chain(self.subscription, self.middleware, env)
+        self.tracer = telemetry.tracer()
+        self.meters = telemetry.meters()
+        ref = self.subscription.ref
+        attributes: dict[str, str] = {
+            telemetry.SYSTEM: env.broker.system,
+            telemetry.DESTINATION: ref.destination,
+            telemetry.OPERATION_TYPE: "process",
+            telemetry.OPERATION_NAME: "process",
+            telemetry.SUBSCRIPTION: self.name,
+            telemetry.HANDLER: self.subscription.name,
+        }
+        if ref.kind != "queue":
+            attributes[telemetry.GROUP] = ref.group
+        self.attributes = attributes
+        self._by_outcome = {o: {**attributes, telemetry.OUTCOME: o} for o in _OUTCOMES}
+        self._span_name = f"process {ref.destination}"
 
     async def __call__(self, delivery: Delivery) -> Settlement:
+        if self.tracer is None and self.meters is None:
+            return (await self._handle(delivery, None))[0]
+        return await self._observed(delivery)
+
+    async def _handle(
+        self, delivery: Delivery, envelope: Envelope | None
+    ) -> tuple[Settlement, str, Context | None]:
+        """Decode, invoke, classify: the settlement, its outcome label, and the context."""
         try:
-            envelope = decode_envelope(delivery.body)
+            if envelope is None:
+                envelope = decode_envelope(delivery.body)
             ctx = Context(self.app, self.name, delivery, envelope)
             args = self.subscription.build_args(envelope, ctx)
         except DecodeError as exc:
-            return self._dead(delivery, exc, poison=True)
+            return self._dead(delivery, exc, poison=True), "dead", None
         token = _context._current.set(ctx)
         try:
             await self.call(Invocation(self.subscription, delivery, envelope, args, ctx))
         except Drop as exc:
-            return self._drop(delivery, exc)
+            return self._drop(delivery, exc), _drop_label(exc), ctx
         except DeadLetter as exc:
-            return self._dead(delivery, exc)
+            return self._dead(delivery, exc), "dead", ctx
         except Exception as exc:
-            return self._failed(delivery, exc)
+            settlement = self._failed(delivery, exc)
+            return settlement, settlement.outcome, ctx
         finally:
             _context._current.reset(token)
         self.counters.handled += 1
@@ -92,12 +130,114 @@ class Processor:
             self.breaker.success()
         elif self.breaker is not None:
             self.breaker.failures = 0
+        if ctx.emitted:
+            self._check_emits(ctx.emitted)
         if log.isEnabledFor(logging.INFO):
             log.info("handled %s id=%s attempt=%d", self.name, delivery.id, delivery.attempt)
-        return Settlement(delivery=delivery, outcome="ack", emitted=tuple(ctx.emitted))
+        return Settlement(delivery=delivery, outcome="ack", emitted=tuple(ctx.emitted)), "ack", ctx
+
+    async def _observed(self, delivery: Delivery) -> Settlement:
+        """:meth:`_handle` inside a ``process`` span, with metrics."""
+        envelope: Envelope | None = None
+        with contextlib.suppress(DecodeError):  # a poison message is dead-lettered by _handle
+            envelope = decode_envelope(delivery.body)
+        span: Any = None
+        token: Any = None
+        if self.tracer is not None:
+            span, token = self._start_span(delivery, envelope)
+        meters = self.meters
+        if meters is not None:
+            meters.in_flight.add(1, self.attributes)
+            if delivery.published_at:
+                lag = max(0.0, self.clock() - delivery.published_at)
+                meters.lag.record(lag, self.attributes)
+        started = time.perf_counter()
+        settlement: Settlement | None = None
+        outcome = "released"  # cancelled at shutdown: given back unsettled
+        try:
+            settlement, outcome, ctx = await self._handle(delivery, envelope)
+            if outcome != "ack" and ctx is not None and ctx.emitted:
+                telemetry.discard(ctx.emitted)
+            return settlement
+        finally:
+            if meters is not None:
+                meters.in_flight.add(-1, self.attributes)
+                meters.duration.record(time.perf_counter() - started, self.attributes)
+                meters.handled.add(1, self._by_outcome[outcome])
+            if span is not None:
+                _end_process_span(span, outcome, settlement)
+                otel_context.detach(token)
+
+    def _start_span(self, delivery: Delivery, envelope: Envelope | None) -> tuple[Any, Any]:
+        assert self.tracer is not None
+        attributes: dict[str, Any] = {
+            **self.attributes,
+            telemetry.MESSAGE_ID: envelope.id if envelope is not None else delivery.id,
+            telemetry.ATTEMPT: delivery.attempt,
+        }
+        parent = None
+        if envelope is not None:
+            attributes[telemetry.EVENT_TYPE] = envelope.type
+            parent = telemetry.extract(envelope.traceparent, envelope.tracestate)
+        span = self.tracer.start_span(
+            self._span_name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+        )
+        return span, otel_context.attach(trace.set_span_in_context(span))
+
+    def _check_emits(self, emitted: list[OutgoingMessage]) -> None:
+        """Warn once per destination and type of an emit the handler did not declare."""
+        for message in emitted:
+            seen = (message.destination, message.type)
+            if seen in self._emits_seen:
+                continue
+            self._emits_seen.add(seen)
+            declared = self.subscription.options.emits
+            if declared is not None and declared.covers(*seen, self.app.event_bus):
+                continue
+            log.warning(
+                "handler %s emitted %r to %r without declaring it; add it to emits=[...] on "
+                "its decorator so that `eventfn graph` shows this flow",
+                self.subscription.name,
+                message.type,
+                message.destination,
+            )
 
     async def run_batch(self, deliveries: list[Delivery]) -> list[Settlement]:
         """Run a batch handler once on several deliveries; one settlement for each."""
+        if self.tracer is None and self.meters is None:
+            return await self._run_batch(deliveries)
+        span: Any = None
+        token: Any = None
+        if self.tracer is not None:
+            span = self.tracer.start_span(
+                self._span_name,
+                kind=SpanKind.CONSUMER,
+                attributes={**self.attributes, telemetry.BATCH_COUNT: len(deliveries)},
+                links=_links(deliveries),
+            )
+            token = otel_context.attach(trace.set_span_in_context(span))
+        meters = self.meters
+        if meters is not None:
+            meters.in_flight.add(len(deliveries), self.attributes)
+        started = time.perf_counter()
+        settlements: list[Settlement] = []
+        try:
+            settlements = await self._run_batch(deliveries)
+            return settlements
+        finally:
+            outcomes: list[str] = [
+                "released" if s.outcome == "release" else s.outcome for s in settlements
+            ] or ["released"] * len(deliveries)
+            if meters is not None:
+                meters.in_flight.add(-len(deliveries), self.attributes)
+                meters.duration.record(time.perf_counter() - started, self.attributes)
+                for outcome in outcomes:
+                    meters.handled.add(1, self._by_outcome[outcome])
+            if span is not None:
+                _end_batch_span(span, outcomes, settlements)
+                otel_context.detach(token)
+
+    async def _run_batch(self, deliveries: list[Delivery]) -> list[Settlement]:
         plan = self.subscription.batch_plan
         assert plan is not None
         settlements: list[Settlement] = []
@@ -219,6 +359,44 @@ class Processor:
         """Give a delivery back unstarted (or cancelled at shutdown), no attempt counted."""
         self.counters.released += 1
         return Settlement(delivery=delivery, outcome="release")
+
+
+_OUTCOMES = ("ack", "retry", "dead", "drop", "duplicate", "released")
+
+
+def _links(deliveries: list[Delivery]) -> list[Link]:
+    """Links to the ``send`` span of each message of a batch (the conventions' batch shape)."""
+    links = []
+    for delivery in deliveries:
+        with contextlib.suppress(DecodeError):
+            envelope = decode_envelope(delivery.body)
+            parent = telemetry.extract(envelope.traceparent, envelope.tracestate)
+            if parent is not None:
+                links.append(Link(trace.get_current_span(parent).get_span_context()))
+    return links
+
+
+def _end_batch_span(span: Any, outcomes: list[str], settlements: list[Settlement]) -> None:
+    failed = [s for s in settlements if s.outcome != "ack"]
+    kinds = set(outcomes)
+    span.set_attribute(telemetry.OUTCOME, kinds.pop() if len(kinds) == 1 else "partial")
+    span.set_attribute("eventfn.failed_count", len(failed))
+    first = next((s.failure for s in failed if s.failure is not None), None)
+    if first is not None:
+        telemetry.record_failure(span, first.error_type, first.message, first.traceback)
+    span.end()
+
+
+def _drop_label(exc: Drop) -> str:
+    return "duplicate" if isinstance(exc, Duplicate) else "drop"
+
+
+def _end_process_span(span: Any, outcome: str, settlement: Settlement | None) -> None:
+    span.set_attribute(telemetry.OUTCOME, outcome)
+    failure = settlement.failure if settlement is not None else None
+    if failure is not None:
+        telemetry.record_failure(span, failure.error_type, failure.message, failure.traceback)
+    span.end()
 
 
 def _qualified(exc: BaseException) -> str:

@@ -18,6 +18,7 @@ from contextlib import AsyncExitStack, contextmanager
 import anyio
 import msgspec
 
+from eventfn import telemetry
 from eventfn.app import App
 from eventfn.brokers.base import Broker, Delivery, Settlement, SubscriptionRef
 from eventfn.middleware import DEFAULT_MIDDLEWARE, Environment, Middleware
@@ -26,6 +27,9 @@ from eventfn.runtime.settler import Settler
 from eventfn.subscriptions import Subscription
 
 log = logging.getLogger("eventfn.runner")
+
+BACKLOG_INTERVAL = 5.0
+"""Seconds between reads of the broker counts behind the backlog gauges (metrics on only)."""
 
 
 class SubscriptionSummary(msgspec.Struct, frozen=True):
@@ -139,6 +143,7 @@ class Runner:
         self._stopping = False
         self._settler = Settler(broker)
         self._started = 0.0
+        self._metered = False
         self.env = Environment(broker, broker.clock)
 
     # -- control ------------------------------------------------------------------------------
@@ -182,11 +187,16 @@ class Runner:
             )
         for consumer in self._consumers:
             consumer.processor.build(self.env)
+        processors = [c.processor for c in self._consumers]
+        self._settler.observed = any(p.tracer or p.meters for p in processors)
+        self._metered = any(p.meters for p in processors)
 
     async def _run(self) -> None:
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._settler.run)
             outer.start_soon(self._keep_leases)
+            if self._metered:
+                outer.start_soon(self._observe_backlog)
             try:
                 await self._consume()
             finally:
@@ -406,6 +416,21 @@ class Runner:
                 log.warning(
                     "extending %d leases failed: %s: %s", len(held), type(exc).__name__, exc
                 )
+
+    async def _observe_backlog(self) -> None:
+        """Read each subscription's broker counts now and then, for the backlog gauges."""
+        view = telemetry.BacklogView(
+            self.broker.system, {c.ref.name: c.processor.attributes for c in self._consumers}
+        )
+        with telemetry.watch_backlog(view):
+            while True:
+                for consumer in self._consumers:
+                    try:
+                        view.stats[consumer.ref.name] = await self.broker.stats(consumer.ref)
+                    except Exception as exc:
+                        view.stats.pop(consumer.ref.name, None)  # unknown, rather than stale
+                        log.debug("backlog of %s unreadable: %s", consumer.ref.name, exc)
+                await anyio.sleep(BACKLOG_INTERVAL)
 
     async def _watch_burst(self) -> None:
         pause = 0.05

@@ -6,6 +6,7 @@ import logging
 
 import anyio
 
+from eventfn import telemetry
 from eventfn.brokers.base import Broker, Failure, Settlement
 from eventfn.exceptions import PublishError
 
@@ -19,8 +20,9 @@ class Settler:
     leases run out and the broker redelivers, so a broker fault costs duplicates, not losses.
     """
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, *, observed: bool = False) -> None:
         self.broker = broker
+        self.observed = observed  # end the send spans of emitted messages, count them
         self.pending: list[Settlement] = []
         self.flushing = False
         self._wake = anyio.Event()
@@ -51,6 +53,8 @@ class Settler:
         for index, settlement in enumerate(batch):
             try:
                 await self.broker.settle([settlement])
+                if self.observed:
+                    telemetry.sent(settlement.emitted, self.broker.system)
             except PublishError as exc:
                 log.error(
                     "dead-letter %s id=%s: what it emitted was refused: %s",
@@ -65,6 +69,8 @@ class Settler:
                 )
                 dead = Settlement(delivery=settlement.delivery, outcome="dead", failure=failure)
                 await self.broker.settle([dead])
+                if self.observed:
+                    telemetry.sent(settlement.emitted, self.broker.system, exc)
             except Exception:
                 self.pending[:0] = batch[index:]  # the broker is failing: the loop retries
                 raise
@@ -83,6 +89,10 @@ class Settler:
             try:
                 await self.broker.settle(batch)
                 backoff = 0.05
+                if self.observed:
+                    for settlement in batch:
+                        if settlement.emitted:
+                            telemetry.sent(settlement.emitted, self.broker.system)
             except PublishError:
                 # permanent, and caused by one message's emits: settle apart, dead-letter it
                 await self._settle_apart(batch)
