@@ -15,6 +15,17 @@ $(STAMP): pyproject.toml $(PLUGINS)
 	$(BIN)/pip install --quiet -e ".[dev]" $(foreach p,$(PLUGINS),-e "$(dir $(p))[dev]")
 	touch $(STAMP)
 
+# A real OTLP/HTTP receiver with a query API for the telemetry tests (tests/otlp_collector.py):
+# Datadog's APM test agent, which decodes OTLP with the official protobuf messages. It lives in a
+# venv of its own so that its pinned dependencies never meet the project's.
+COLLECTOR_VENV := .venv-collector
+COLLECTOR_STAMP := $(COLLECTOR_VENV)/.installed
+$(COLLECTOR_STAMP):
+	$(PYTHON) -m venv $(COLLECTOR_VENV)
+	$(COLLECTOR_VENV)/bin/pip install --quiet --upgrade pip
+	$(COLLECTOR_VENV)/bin/pip install --quiet "ddapm-test-agent==1.69.1"
+	touch $(COLLECTOR_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -25,9 +36,9 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check eventfn plugins
 
 typecheck: $(STAMP)
-	$(BIN)/mypy eventfn $(foreach p,$(PLUGINS),$(wildcard $(dir $(p))eventfn_*))
+	$(BIN)/mypy eventfn $(patsubst %/__init__.py,%,$(foreach p,$(PLUGINS),$(wildcard $(dir $(p))eventfn_*/__init__.py)))
 
-unit: $(STAMP)
+unit: $(STAMP) $(COLLECTOR_STAMP)
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
@@ -42,4 +53,4 @@ bench-big: $(STAMP)
 	$(BIN)/python benchmarks/burst.py --big --write
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo-data
+	rm -rf $(VENV) $(COLLECTOR_VENV) .pytest_cache .mypy_cache .ruff_cache demo-data

@@ -76,6 +76,31 @@ def scaleout_section(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def telemetry_section(doc: dict[str, Any]) -> list[str]:
+    lines = [
+        "## What telemetry costs (`benchmarks/telemetry_overhead.py`)",
+        "",
+        f"Measured {doc['when']} on the same machine. The no-op burst on SQLite (one runner, "
+        "concurrency 64), each case in fresh processes, interleaved runs, median and range. "
+        "`off`: no providers (what `eventfn run` does without an OTLP endpoint); `noop`: the "
+        "API's no-op providers set explicitly; `unsampled`: SDK providers, a sampler that drops "
+        "every trace and a meter provider without a reader; `memory`: SDK providers recording "
+        "everything (a `BatchSpanProcessor` into the in-memory exporter, the in-memory metric "
+        "reader). The ratio is to `off`.",
+        "",
+        "| telemetry | N | events/s | CPU µs/event | ratio to off | spans kept |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for c in doc["cases"]:
+        spread = f"({c['throughput_min']:,.0f}-{c['throughput_max']:,.0f})"
+        lines.append(
+            f"| {c['case']} | {c['n']:,} | {c['throughput']:,.0f} {spread} "
+            f"| {c['cpu_us_per_event']:.1f} | {c['ratio']:.2f} | {c['spans']:,} |"
+        )
+    lines += ["", "Reproduce: `python benchmarks/telemetry_overhead.py --write`.", ""]
+    return lines
+
+
 def main() -> None:
     out = ["# Benchmark results", ""]
     if TARGETS.exists():
@@ -86,6 +111,9 @@ def main() -> None:
     scaleout = RESULTS / "scaleout.json"
     if scaleout.exists():
         out += scaleout_section(json.loads(scaleout.read_text()))
+    telemetry = RESULTS / "telemetry.json"
+    if telemetry.exists():
+        out += telemetry_section(json.loads(telemetry.read_text()))
     (HERE / "RESULTS.md").write_text("\n".join(out))
 
 

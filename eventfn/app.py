@@ -72,6 +72,11 @@ class App:
         self.broker_url = broker
         self.event_bus = check_name(event_bus, "event bus")
         self.max_payload = max_payload
+        if "emits" in defaults:
+            raise RegistrationError(
+                f"App({name!r}): emits= says what one handler publishes; give it to that "
+                "handler's decorator, not to App(...)"
+            )
         self.defaults = resolve({}, defaults, f"App({name!r})")
         self._defaults: dict[str, Any] = dict(defaults)
         self.subscriptions: list[Subscription] = []

@@ -1,4 +1,4 @@
-"""The ``eventfn`` command: run | publish | inspect | dlq.
+"""The ``eventfn`` command: run | publish | inspect | status | graph | dlq.
 
 ``APP`` is ``module:attribute`` (``shop:app``; ``:app`` may be left out) or ``path/to/file.py``;
 the current directory is importable, as with uvicorn.
@@ -21,9 +21,11 @@ from typing import Any, TextIO
 import anyio
 import msgspec
 
+from eventfn import telemetry
 from eventfn._cli_dlq import add_dlq_parser, run_dlq
+from eventfn._cli_observe import add_parsers, run_graph, run_status
 from eventfn.app import App
-from eventfn.brokers import OutgoingMessage, from_url, installed_schemes, redact_url
+from eventfn.brokers import Broker, OutgoingMessage, from_url, installed_schemes, redact_url
 from eventfn.exceptions import ConfigurationError, EventfnError
 from eventfn.runtime.runner import Runner, format_summary
 
@@ -73,6 +75,14 @@ async def _run(args: argparse.Namespace) -> int:
     app = load_app(args.app)
     url = _broker_url(args, app)
     broker = from_url(url)
+    flush = telemetry.setup(args.otel, app.name)
+    try:
+        return await _run_on(args, app, broker)
+    finally:
+        flush()
+
+
+async def _run_on(args: argparse.Namespace, app: App, broker: Broker) -> int:
     await broker.connect()
     try:
         await app.connect(broker)
@@ -139,6 +149,7 @@ async def _publish(args: argparse.Namespace) -> int:
             "no data: give a JSON document, '-' to read lines from stdin, or --file F"
         )
     publisher = App("eventfn-cli", broker=_broker_url(args))
+    flush = telemetry.setup(args.otel, "eventfn-cli")
     await publisher.connect()
     sent = 0
     try:
@@ -173,6 +184,7 @@ async def _publish(args: argparse.Namespace) -> int:
             sent += len(batch)
     finally:
         await publisher.close()
+        flush()
     if args.quiet:
         return 0
     print(f"published {sent} message{'s' if sent != 1 else ''} to {args.destination}", flush=True)
@@ -211,6 +223,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     broker_help = "broker URL (default: $EVENTFN_BROKER, else the app's, else sqlite:///eventfn.db)"
+    otel: dict[str, Any] = {
+        "choices": telemetry.MODES,
+        "default": "auto",
+        "help": "traces and metrics: otlp (configured by the OTEL_* variables), console (a line "
+        "per span on stderr), none; auto (the default) is otlp when "
+        "OTEL_EXPORTER_OTLP_ENDPOINT is set, else none",
+    }
 
     run = commands.add_parser("run", help="consume the app's subscriptions")
     run.add_argument("app", help="module:attribute, e.g. shop:app")
@@ -220,6 +239,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--lease", type=float, default=30.0, help="seconds (default 30)")
     run.add_argument("--grace", type=float, default=30.0, help="shutdown grace seconds")
     run.add_argument("--burst", action="store_true", help="exit once everything is handled")
+    run.add_argument("--otel", **otel)
 
     pub = commands.add_parser("publish", help="publish JSON documents to a destination")
     pub.add_argument("destination")
@@ -232,11 +252,13 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--delay", type=float, default=0.0, help="seconds before delivery")
     pub.add_argument("--broker", help=broker_help)
     pub.add_argument("--quiet", action="store_true")
+    pub.add_argument("--otel", **otel)
 
     ins = commands.add_parser("inspect", help="list the app's subscriptions")
     ins.add_argument("app")
     ins.add_argument("--json", action="store_true", help="one JSON object per subscription")
 
+    add_parsers(commands, broker_help)
     add_dlq_parser(commands, "broker URL (default: $EVENTFN_BROKER, else sqlite:///eventfn.db)")
     return parser
 
@@ -248,10 +270,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, traced: bool) -> None:
+    ids = ""
+    if traced:  # log lines carry the ids of the span they were written in
+        telemetry.correlate_logs()
+        ids = " [trace_id=%(otelTraceID)s span_id=%(otelSpanID)s]"
     logging.basicConfig(
         level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)-7s %(name)s{ids}: %(message)s",
         stream=sys.stderr,
     )
 
@@ -259,7 +285,7 @@ def _configure_logging(level: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``eventfn`` command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    _configure_logging(args.log_level)
+    _configure_logging(args.log_level, telemetry.wanted(getattr(args, "otel", "none")))
     try:
         if args.command == "run":
             return anyio.run(_run, args)
@@ -267,6 +293,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return anyio.run(_publish, args)
         if args.command == "dlq":
             return anyio.run(run_dlq, args)
+        if args.command == "status":
+            app = load_app(args.app)
+            return anyio.run(run_status, args, app, _broker_url(args, app))
+        if args.command == "graph":
+            return run_graph(args, load_app(args.app))
         return _inspect(args)
     except EventfnError as exc:
         print(f"eventfn: error: {_safe(exc)}", file=sys.stderr)

@@ -14,7 +14,6 @@ the ``process`` span's context: its own spans and the ``send`` of what it emits 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import importlib.metadata
@@ -22,8 +21,8 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TextIO
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
@@ -42,7 +41,7 @@ from opentelemetry.trace import (
 from eventfn.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
-    from eventfn.brokers.base import OutgoingMessage, SubscriptionStats
+    from eventfn.brokers.base import OutgoingMessage
 
 Mode = Literal["auto", "otlp", "console", "none"]
 MODES: tuple[Mode, ...] = ("auto", "otlp", "console", "none")
@@ -91,12 +90,19 @@ def instrument(
         _metrics_cache = None
 
 
+_tracer_cache: tuple[trace.TracerProvider, trace.Tracer] | None = None
+
+
 def tracer() -> trace.Tracer | None:
     """eventfn's tracer, or ``None`` when nothing would record its spans."""
+    global _tracer_cache
     provider = _tracer_override or trace.get_tracer_provider()
     if isinstance(provider, ProxyTracerProvider | NoOpTracerProvider):
         return None
-    return provider.get_tracer(SCOPE, _version())
+    cached = _tracer_cache
+    if cached is None or cached[0] is not provider:
+        cached = _tracer_cache = (provider, provider.get_tracer(SCOPE, _version()))
+    return cached[1]
 
 
 def _real_meter_provider() -> metrics.MeterProvider | None:
@@ -156,15 +162,17 @@ def sent(
     messages: Sequence[OutgoingMessage], system: str, error: BaseException | None = None
 ) -> None:
     """End the ``send`` spans of messages the broker took (or refused), and count them."""
-    instruments = meters()
+    instruments = meters() if error is None else None
+    counts = instruments.sent_counts if instruments is not None else None
     for message in messages:
         span = message.span
         if span is not None:
             if error is not None:
                 record_failure(span, type(error).__qualname__, str(error))
             span.end()
-        if instruments is not None and error is None:
-            instruments.sent.add(1, {SYSTEM: system, DESTINATION: message.destination})
+        if counts is not None:
+            key = (system, message.destination)
+            counts[key] = counts.get(key, 0) + 1
 
 
 def discard(messages: Sequence[OutgoingMessage]) -> None:
@@ -178,47 +186,85 @@ def discard(messages: Sequence[OutgoingMessage]) -> None:
 # -- metrics -------------------------------------------------------------------------------------
 
 
+Observed = Iterable[tuple[float, Mapping[str, Any]]]
+
+
+class Source(Protocol):
+    """Something with counts to report: ``observe("handled")`` yields ``(value, attributes)``."""
+
+    def observe(self, metric: str) -> Observed: ...
+
+
 class Metrics:
-    """eventfn's instruments on one meter provider."""
+    """eventfn's instruments on one meter provider.
+
+    Only the two histograms are recorded per message. Counts (handled by outcome, in flight,
+    sent) are kept as plain integers by the runner and the publisher, and read with the broker's
+    backlog counts by observable instruments when the reader collects: a message costs no
+    metric call for them. A runner reports through a :class:`Source` it adds to ``sources``
+    while it runs, and leaves a snapshot of its final counts there when it stops, so that they
+    reach the last export.
+    """
 
     def __init__(self, provider: metrics.MeterProvider) -> None:
+        self.sources: set[Source] = set()
+        self.sent_counts: dict[tuple[str, str], int] = {}
         meter = provider.get_meter(SCOPE, _version())
-        self.handled = meter.create_counter(
-            "eventfn.handled",
-            unit="{message}",
-            description="Messages whose handling ended, by outcome (ack, retry, dead, drop, "
-            "duplicate).",
-        )
         self.duration = meter.create_histogram(
             "messaging.process.duration", unit="s", description="Duration of one handler call."
         )
         self.lag = meter.create_histogram(
             "eventfn.lag", unit="s", description="From publish to the start of its handler."
         )
-        self.in_flight = meter.create_up_down_counter(
-            "eventfn.in_flight", unit="{message}", description="Handler calls running now."
-        )
-        self.sent = meter.create_counter(
-            "messaging.client.sent.messages", unit="{message}", description="Messages published."
-        )
-        meter.create_observable_gauge(
-            "eventfn.backlog",
-            callbacks=[_observe("backlog")],
+        meter.create_observable_counter(
+            "eventfn.handled",
+            callbacks=[self._observer("handled")],
             unit="{message}",
-            description="Messages of a subscription waiting to be handled (ready or delayed).",
+            description="Messages whose handling ended, by eventfn.outcome (ack, retry, dead, "
+            "drop, duplicate, released).",
         )
-        meter.create_observable_gauge(
-            "eventfn.leased",
-            callbacks=[_observe("leased")],
+        meter.create_observable_up_down_counter(
+            "eventfn.in_flight",
+            callbacks=[self._observer("in_flight")],
             unit="{message}",
-            description="Messages of a subscription leased to a consumer now, in any runner.",
+            description="Handler calls running now in this process.",
         )
-        meter.create_observable_gauge(
-            "eventfn.dead_letters",
-            callbacks=[_observe("dead")],
+        meter.create_observable_counter(
+            "messaging.client.sent.messages",
+            callbacks=[self._observe_sent],
             unit="{message}",
-            description="Messages in a subscription's dead-letter store.",
+            description="Messages this process published (emitted ones once their ack is in).",
         )
+        gauges = {
+            "backlog": "Messages of a subscription waiting to be handled (ready or delayed).",
+            "leased": "Messages of a subscription leased to a consumer now, in any runner.",
+            "dead_letters": "Messages in a subscription's dead-letter store.",
+        }
+        for name, description in gauges.items():
+            meter.create_observable_gauge(
+                f"eventfn.{name}",
+                callbacks=[self._observer(name)],
+                unit="{message}",
+                description=description,
+            )
+
+    def _observer(
+        self, metric: str
+    ) -> Callable[[metrics.CallbackOptions], Iterable[metrics.Observation]]:
+        def callback(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+            return [
+                metrics.Observation(value, dict(attributes))
+                for source in list(self.sources)
+                for value, attributes in source.observe(metric)
+            ]
+
+        return callback
+
+    def _observe_sent(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        return [
+            metrics.Observation(count, {SYSTEM: system, DESTINATION: destination})
+            for (system, destination), count in list(self.sent_counts.items())
+        ]
 
 
 _metrics_cache: tuple[metrics.MeterProvider, Metrics] | None = None
@@ -237,44 +283,6 @@ def meters() -> Metrics | None:
         if _metrics_cache is None or _metrics_cache[0] is not provider:
             _metrics_cache = (provider, Metrics(provider))
         return _metrics_cache[1]
-
-
-class BacklogView:
-    """The last broker counts a runner read, for the observable gauges to report."""
-
-    def __init__(self, system: str, subscriptions: Mapping[str, Mapping[str, str]]) -> None:
-        self.system = system
-        self.attributes = subscriptions
-        self.stats: dict[str, SubscriptionStats] = {}
-
-
-_views: set[BacklogView] = set()
-
-
-@contextlib.contextmanager
-def watch_backlog(view: BacklogView) -> Iterator[BacklogView]:
-    """Report this view's counts through the gauges while the block runs."""
-    _views.add(view)
-    try:
-        yield view
-    finally:
-        _views.discard(view)
-
-
-def _observe(field: str) -> Callable[[metrics.CallbackOptions], Iterable[metrics.Observation]]:
-    def callback(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
-        observations = []
-        for view in list(_views):
-            for name, stats in list(view.stats.items()):
-                value = {
-                    "backlog": stats.ready + stats.delayed,
-                    "leased": stats.in_flight,
-                    "dead": stats.dead,
-                }[field]
-                observations.append(metrics.Observation(value, dict(view.attributes[name])))
-        return observations
-
-    return callback
 
 
 # -- logs ------------------------------------------------------------------------------------------
@@ -316,11 +324,9 @@ def setup(mode: Mode, service_name: str, *, stream: TextIO | None = None) -> Cal
     - ``console``: one line per finished span on stderr.
     - ``none``: nothing, whatever the environment says.
     """
-    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or mode == "none":
+    if not wanted(mode):
         return _nothing
     if mode == "auto":
-        if not _otlp_configured():
-            return _nothing
         mode = "otlp"
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -354,6 +360,13 @@ def setup(mode: Mode, service_name: str, *, stream: TextIO | None = None) -> Cal
             step()
 
     return shutdown
+
+
+def wanted(mode: Mode) -> bool:
+    """Whether :func:`setup` with this mode installs providers (and logs should carry ids)."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or mode == "none":
+        return False
+    return mode != "auto" or _otlp_configured()
 
 
 def _nothing() -> None:

@@ -305,13 +305,12 @@ async def test_metrics_count_outcomes_and_time_handlers(reader: InMemoryMetricRe
         await burst(app, broker)
     points = metric_points(reader)
     handled = {attrs["eventfn.outcome"]: value for attrs, value in points["eventfn.handled"]}
-    assert handled == {"ack": 3, "dead": 2}
+    assert handled == {"ack": 3, "dead": 2, "retry": 0, "drop": 0, "duplicate": 0, "released": 0}
     ((attrs, count),) = points["messaging.process.duration"]
     assert count == 5 and attrs["messaging.destination.name"] == "jobs"
     ((_, lag_count),) = points["eventfn.lag"]
     assert lag_count == 5
-    ((_, in_flight),) = points["eventfn.in_flight"]
-    assert in_flight == 0
+    assert "eventfn.in_flight" not in points  # a stopped runner runs nothing, reports nothing
     ((sent_attrs, sent),) = points["messaging.client.sent.messages"]
     assert sent == 5 and sent_attrs["messaging.destination.name"] == "jobs"
 
@@ -360,6 +359,8 @@ async def test_backlog_gauges_report_the_broker_counts(
     assert backlog + leased >= 48  # one a second: at most a couple handled before the read
     ((_, dead),) = points["eventfn.dead_letters"]
     assert dead == 0
+    ((_, in_flight),) = points["eventfn.in_flight"]
+    assert 0 <= in_flight <= 64  # waiting for the rate limit's tokens, inside the handler call
 
 
 async def test_telemetry_off_records_nothing_and_leaves_the_envelope_bare() -> None:
@@ -398,3 +399,19 @@ async def test_an_undeclared_emit_warns_once_per_handler_and_type(
     assert len(warnings) == 2, warnings
     assert any("'order.accepted'" in w and "'events'" in w for w in warnings)
     assert any("'audit'" in w for w in warnings)
+
+
+def test_emits_is_checked_at_registration() -> None:
+    app = fast_app()
+    with pytest.raises(eventfn.RegistrationError, match="emits= has 42"):
+
+        @app.on_queue("jobs", emits=[InventoryReserved, 42])  # type: ignore[list-item]
+        async def work(job: Job) -> None: ...
+
+    with pytest.raises(eventfn.RegistrationError, match="not 'emails'"):
+
+        @app.on_queue("jobs", emits="emails")
+        async def other(job: Job) -> None: ...
+
+    with pytest.raises(eventfn.RegistrationError, match="give it to that handler's decorator"):
+        eventfn.App("shop", emits=[InventoryReserved])

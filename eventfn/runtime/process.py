@@ -47,6 +47,17 @@ class Counters(msgspec.Struct):
     duplicates: int = 0
     released: int = 0
 
+    def by_outcome(self) -> tuple[tuple[str, int], ...]:
+        """Each count under its ``eventfn.outcome`` name."""
+        return (
+            ("ack", self.handled),
+            ("retry", self.retried),
+            ("dead", self.dead_lettered),
+            ("drop", self.dropped),
+            ("duplicate", self.duplicates),
+            ("released", self.released),
+        )
+
 
 class Processor:
     """Runs one subscription's handler on a delivery and says how to settle it."""
@@ -73,7 +84,9 @@ class Processor:
         self.tracer: trace.Tracer | None = None
         self.meters: telemetry.Metrics | None = None
         self.attributes: dict[str, str] = {}
-        self._by_outcome: dict[str, dict[str, str]] = {}
+        self._span_attributes: dict[str, str] = {}
+        self.by_outcome: dict[str, dict[str, str]] = {}
+        self.running = 0  # handler calls in progress (kept while telemetry is on)
         self._span_name = ""
         self._emits_seen: set[tuple[str, str]] = set()
 
@@ -83,18 +96,23 @@ class Processor:
         self.tracer = telemetry.tracer()
         self.meters = telemetry.meters()
         ref = self.subscription.ref
+        # metrics get the few attributes that tell subscriptions apart: each one is checked on
+        # every record, and the SDK's cost grows with their number
         attributes: dict[str, str] = {
             telemetry.SYSTEM: env.broker.system,
             telemetry.DESTINATION: ref.destination,
-            telemetry.OPERATION_TYPE: "process",
-            telemetry.OPERATION_NAME: "process",
             telemetry.SUBSCRIPTION: self.name,
-            telemetry.HANDLER: self.subscription.name,
         }
         if ref.kind != "queue":
             attributes[telemetry.GROUP] = ref.group
         self.attributes = attributes
-        self._by_outcome = {o: {**attributes, telemetry.OUTCOME: o} for o in _OUTCOMES}
+        self.by_outcome = {o: {**attributes, telemetry.OUTCOME: o} for o in OUTCOMES}
+        self._span_attributes = {
+            **attributes,
+            telemetry.OPERATION_TYPE: "process",
+            telemetry.OPERATION_NAME: "process",
+            telemetry.HANDLER: self.subscription.name,
+        }
         self._span_name = f"process {ref.destination}"
 
     async def __call__(self, delivery: Delivery) -> Settlement:
@@ -146,11 +164,9 @@ class Processor:
         if self.tracer is not None:
             span, token = self._start_span(delivery, envelope)
         meters = self.meters
-        if meters is not None:
-            meters.in_flight.add(1, self.attributes)
-            if delivery.published_at:
-                lag = max(0.0, self.clock() - delivery.published_at)
-                meters.lag.record(lag, self.attributes)
+        self.running += 1
+        if meters is not None and delivery.published_at:
+            meters.lag.record(max(0.0, self.clock() - delivery.published_at), self.attributes)
         started = time.perf_counter()
         settlement: Settlement | None = None
         outcome = "released"  # cancelled at shutdown: given back unsettled
@@ -160,10 +176,9 @@ class Processor:
                 telemetry.discard(ctx.emitted)
             return settlement
         finally:
+            self.running -= 1
             if meters is not None:
-                meters.in_flight.add(-1, self.attributes)
                 meters.duration.record(time.perf_counter() - started, self.attributes)
-                meters.handled.add(1, self._by_outcome[outcome])
             if span is not None:
                 _end_process_span(span, outcome, settlement)
                 otel_context.detach(token)
@@ -171,7 +186,7 @@ class Processor:
     def _start_span(self, delivery: Delivery, envelope: Envelope | None) -> tuple[Any, Any]:
         assert self.tracer is not None
         attributes: dict[str, Any] = {
-            **self.attributes,
+            **self._span_attributes,
             telemetry.MESSAGE_ID: envelope.id if envelope is not None else delivery.id,
             telemetry.ATTEMPT: delivery.attempt,
         }
@@ -212,13 +227,17 @@ class Processor:
             span = self.tracer.start_span(
                 self._span_name,
                 kind=SpanKind.CONSUMER,
-                attributes={**self.attributes, telemetry.BATCH_COUNT: len(deliveries)},
+                attributes={**self._span_attributes, telemetry.BATCH_COUNT: len(deliveries)},
                 links=_links(deliveries),
             )
             token = otel_context.attach(trace.set_span_in_context(span))
         meters = self.meters
+        self.running += len(deliveries)
         if meters is not None:
-            meters.in_flight.add(len(deliveries), self.attributes)
+            now = self.clock()
+            for delivery in deliveries:
+                if delivery.published_at:
+                    meters.lag.record(max(0.0, now - delivery.published_at), self.attributes)
         started = time.perf_counter()
         settlements: list[Settlement] = []
         try:
@@ -228,11 +247,9 @@ class Processor:
             outcomes: list[str] = [
                 "released" if s.outcome == "release" else s.outcome for s in settlements
             ] or ["released"] * len(deliveries)
+            self.running -= len(deliveries)
             if meters is not None:
-                meters.in_flight.add(-len(deliveries), self.attributes)
                 meters.duration.record(time.perf_counter() - started, self.attributes)
-                for outcome in outcomes:
-                    meters.handled.add(1, self._by_outcome[outcome])
             if span is not None:
                 _end_batch_span(span, outcomes, settlements)
                 otel_context.detach(token)
@@ -361,7 +378,9 @@ class Processor:
         return Settlement(delivery=delivery, outcome="release")
 
 
-_OUTCOMES = ("ack", "retry", "dead", "drop", "duplicate", "released")
+OUTCOMES = ("ack", "retry", "dead", "drop", "duplicate", "released")
+"""The ``eventfn.outcome`` of a handled message, as spans and the ``eventfn.handled`` metric
+name it."""
 
 
 def _links(deliveries: list[Delivery]) -> list[Link]:

@@ -12,15 +12,22 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, contextmanager
+from typing import Any
 
 import anyio
 import msgspec
 
 from eventfn import telemetry
 from eventfn.app import App
-from eventfn.brokers.base import Broker, Delivery, Settlement, SubscriptionRef
+from eventfn.brokers.base import (
+    Broker,
+    Delivery,
+    Settlement,
+    SubscriptionRef,
+    SubscriptionStats,
+)
 from eventfn.middleware import DEFAULT_MIDDLEWARE, Environment, Middleware
 from eventfn.runtime.process import Counters, Processor
 from eventfn.runtime.settler import Settler
@@ -418,19 +425,23 @@ class Runner:
                 )
 
     async def _observe_backlog(self) -> None:
-        """Read each subscription's broker counts now and then, for the backlog gauges."""
-        view = telemetry.BacklogView(
-            self.broker.system, {c.ref.name: c.processor.attributes for c in self._consumers}
-        )
-        with telemetry.watch_backlog(view):
+        """Report counts to the observable instruments; read broker counts now and then."""
+        source = _Observed(self)
+        meters = self._consumers[0].processor.meters
+        assert meters is not None
+        meters.sources.add(source)
+        try:
             while True:
                 for consumer in self._consumers:
                     try:
-                        view.stats[consumer.ref.name] = await self.broker.stats(consumer.ref)
+                        source.stats[consumer.ref.name] = await self.broker.stats(consumer.ref)
                     except Exception as exc:
-                        view.stats.pop(consumer.ref.name, None)  # unknown, rather than stale
+                        source.stats.pop(consumer.ref.name, None)  # unknown, rather than stale
                         log.debug("backlog of %s unreadable: %s", consumer.ref.name, exc)
                 await anyio.sleep(BACKLOG_INTERVAL)
+        finally:  # a stopped runner reports no backlog, and its final counts from then on
+            meters.sources.discard(source)
+            meters.sources.add(_Final(list(source.observe("handled"))))
 
     async def _watch_burst(self) -> None:
         pause = 0.05
@@ -451,6 +462,39 @@ class Runner:
                 log.info("burst: nothing left to handle")
                 self.stop()
                 return
+
+
+class _Observed:
+    """A runner's counts for the observable instruments (read from the reader's thread)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.processors = [c.processor for c in runner._consumers]
+        self.stats: dict[str, SubscriptionStats] = {}
+
+    def observe(self, metric: str) -> telemetry.Observed:
+        for processor in self.processors:
+            if metric == "handled":
+                for outcome, value in processor.counters.by_outcome():
+                    yield value, processor.by_outcome[outcome]
+            elif metric == "in_flight":
+                yield processor.running, processor.attributes
+            elif (stats := self.stats.get(processor.name)) is not None:
+                counts = {
+                    "backlog": stats.ready + stats.delayed,
+                    "leased": stats.in_flight,
+                    "dead_letters": stats.dead,
+                }
+                yield counts[metric], processor.attributes
+
+
+class _Final:
+    """What a stopped runner still reports: how many messages it handled, by outcome."""
+
+    def __init__(self, handled: list[tuple[float, Mapping[str, Any]]]) -> None:
+        self.handled = handled
+
+    def observe(self, metric: str) -> telemetry.Observed:
+        return self.handled if metric == "handled" else ()
 
 
 def _summarize(consumer: _Consumer) -> SubscriptionSummary:

@@ -62,7 +62,7 @@ def _record(group: str, order_id: str, detail: str) -> None:
         db.execute("INSERT OR REPLACE INTO effects VALUES (?, ?, ?)", (group, order_id, detail))
 
 
-@app.on_topic("order-events", group="reserve-inventory")
+@app.on_topic("order-events", group="reserve-inventory", emits=[InventoryReserved])
 async def reserve_inventory(order: OrderAccepted, ctx: eventfn.Context) -> None:
     await anyio.to_thread.run_sync(
         _record, "reserve-inventory", order.order_id, f"{order.units} units"
