@@ -19,7 +19,9 @@ has none, so a durable broker tests restarts in its own suite.
 
 Timing: checks wait for what they expect under generous deadlines and never fail because a broker
 was slow. Lease expiry and delayed retries use ``lease`` seconds (0.3 by default); give a larger
-one to a broker whose round trips take a good part of that.
+one to a broker whose round trips take a good part of that. The ``dedupe`` checks use an hour's
+window, and one window of ``max(1 s, 3 * lease)`` that they wait out for real (by the kit's clock:
+the broker's ``clock``, or its server's, must keep time).
 """
 
 from __future__ import annotations
@@ -189,10 +191,12 @@ def _message(
     key: str | None = None,
     type: str = _TYPE,
     delay: float = 0.0,
+    id: str | None = None,
+    dedupe: float = 0.0,
 ) -> OutgoingMessage:
     # Ids are plain strings, not UUIDs: schedule ticks and user ids are strings too. The tag makes
-    # a failure message readable.
-    message_id = f"{tag}-{uuid.uuid4().hex[:12]}"
+    # a failure message readable. A copy of a message (``id`` given) differs in its body only.
+    message_id = id or f"{tag}-{uuid.uuid4().hex[:12]}"
     data = msgspec.Raw(msgspec.json.encode({"tag": tag, "note": _NOTE}))
     published_at = broker.clock()
     envelope = Envelope(
@@ -213,6 +217,7 @@ def _message(
         key=key,
         published_at=published_at,
         delay=delay,
+        dedupe=dedupe,
     )
 
 
@@ -1176,3 +1181,182 @@ async def check_stats_counts(make_broker: BrokerFactory, *, lease: float = DEFAU
             f"expected ready=2 delayed=2 in_flight=1 dead=1 pending=5, got {stats}"
         )
         assert stats.subscription == ref.name, f"stats of {stats.subscription!r}"
+
+
+# -- de-duplication (``OutgoingMessage.dedupe``) --------------------------------------------------
+
+# A window no check outlives, and longer than any broker's built-in duplicate window (NATS keeps
+# message ids two minutes): a copy published within it is always dropped.
+_WINDOW = 3600.0
+
+
+def _label(item: Delivery | OutgoingMessage) -> str:
+    """``id(tag)``: copies of one id differ in the tag of their body."""
+    try:
+        tag = msgspec.json.decode(item.body)["data"]["tag"]
+    except (msgspec.DecodeError, KeyError, TypeError):
+        tag = "?"
+    return f"{item.id}({tag})"
+
+
+async def _expect_exactly(
+    broker: Broker, ref: SubscriptionRef, expected: Sequence[OutgoingMessage], why: str
+) -> None:
+    """``ref`` delivers each of ``expected`` (by id and body) once, and then nothing more."""
+    got = await _take(broker, ref, len(expected), what=f"{len(expected)} messages on {ref.name}")
+    labels = sorted(map(_label, got))
+    assert sorted((d.id, d.body) for d in got) == sorted((m.id, m.body) for m in expected), (
+        f"{why}: {ref.name} delivered {labels}, expected {sorted(map(_label, expected))}"
+    )
+    await _settle(broker, "ack", *got)
+    await _expect_none(broker, ref, why, wait=_POLL)
+
+
+@_check
+async def check_dedupe_drops_copies_within_window(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """Copies of an id published with ``dedupe`` within its window, by any instance, are
+    dropped: the first is delivered once, to a queue's consumer and to each group of a topic."""
+    for refs in ([_queue("dedupe")], _groups("topic", "dedupe", "a", "b")):
+        destination = refs[0].destination
+        async with _session(make_broker, refs, 2) as (first, second):
+            tick = _message(first, destination, "first", dedupe=_WINDOW)
+            await first.publish([tick])
+            # Other runners publish the same tick: the next moment, and again a little later.
+            await second.publish(
+                [_message(second, destination, "second", id=tick.id, dedupe=_WINDOW)]
+            )
+            await anyio.sleep(_POLL)
+            late = _message(first, destination, "third", id=tick.id, dedupe=_WINDOW)
+            await first.publish([late])
+            other = _message(second, destination, "other", dedupe=_WINDOW)
+            await second.publish([other])  # another id: stored, and it ends the test's wait
+            for ref in refs:
+                why = f"copies of {tick.id} published within its window must be dropped"
+                await _expect_exactly(second, ref, [tick, other], why)
+
+
+@_check
+async def check_dedupe_accepts_id_again_after_window(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """Once ``dedupe`` seconds have passed since its id was stored, a message is stored again,
+    and that copy starts a window of its own."""
+    async with _session(make_broker, [], 2) as (first, second):
+        # A short window, waited out for real. The copy must come well within it, which a
+        # loaded machine may not manage: then the window grows, on a new queue.
+        for window in (max(1.0, 3 * lease), max(4.0, 12 * lease), max(16.0, 48 * lease)):
+            ref = _queue("dedupe_after")
+            await first.declare([ref])
+            tick = _message(first, ref.destination, "first", dedupe=window)
+            started = time.monotonic()
+            await first.publish([tick])
+            stored = time.monotonic()
+            await second.publish(
+                [_message(second, ref.destination, "copy", id=tick.id, dedupe=window)]
+            )
+            if time.monotonic() - started < window / 2:
+                break
+        else:
+            raise AssertionError(f"publishing took over {window / 2:g} s; pass a longer lease")
+        await anyio.sleep(stored + window + _POLL - time.monotonic())
+        again = _message(second, ref.destination, "again", id=tick.id, dedupe=window)
+        started = time.monotonic()
+        await second.publish([again])
+        if time.monotonic() - started < window / 2:  # else a copy might come after the window
+            copy = _message(first, ref.destination, "copy2", id=tick.id, dedupe=window)
+            await first.publish([copy])
+        why = f"{tick.id} must be stored again {window:g} s after it was, and only once"
+        await _expect_exactly(first, ref, [tick, again], why)
+
+
+@_check
+async def check_dedupe_same_id_twice_in_one_batch(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """One batch with two messages of one id (both with ``dedupe``) stores one of them."""
+    for refs in ([_queue("dedupe_batch")], _groups("topic", "dedupe_batch", "a", "b")):
+        destination = refs[0].destination
+        async with _session(make_broker, refs) as (broker,):
+            tick = _message(broker, destination, "one", dedupe=_WINDOW)
+            copy = _message(broker, destination, "two", id=tick.id, dedupe=_WINDOW)
+            other = _message(broker, destination, "other", dedupe=_WINDOW)
+            await broker.publish([tick, copy, other])
+            await broker.publish(
+                [_message(broker, destination, "later", id=tick.id, dedupe=_WINDOW)]
+            )
+            for ref in refs:
+                got = await _take(broker, ref, 2, what=f"two messages on {ref.name}")
+                labels = sorted(map(_label, got))
+                assert sorted(_ids(got)) == sorted([tick.id, other.id]), (
+                    f"{ref.name} delivered {labels} of a batch with {tick.id} twice"
+                )
+                [kept] = [d for d in got if d.id == tick.id]
+                assert kept.body in (tick.body, copy.body), f"{ref.name} changed {_label(kept)}"
+                await _settle(broker, "ack", *got)
+                why = f"{tick.id} came twice in one batch and once after: it is stored once"
+                await _expect_none(broker, ref, why, wait=_POLL)
+
+
+@_check
+async def check_dedupe_destinations_are_independent(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """The window of an id is per destination: the same id is stored once on each."""
+    left, right, third = _queue("dedupe_left"), _queue("dedupe_right"), _queue("dedupe_third")
+    async with _session(make_broker, [left, right, third], 2) as (first, second):
+        on_left = _message(first, left.destination, "left", dedupe=_WINDOW)
+        on_right = _message(first, right.destination, "right", id=on_left.id, dedupe=_WINDOW)
+        await first.publish([on_left, on_right])  # in one batch
+        on_third = _message(second, third.destination, "third", id=on_left.id, dedupe=_WINDOW)
+        await second.publish([on_third])  # and on its own, from another instance
+        again = _message(second, right.destination, "again", id=on_left.id, dedupe=_WINDOW)
+        await second.publish([again])  # a copy within the window of its own destination
+        for ref, message in ((left, on_left), (right, on_right), (third, on_third)):
+            why = f"{on_left.id} goes once to each destination it was published to"
+            await _expect_exactly(first, ref, [message], why)
+
+
+@_check
+async def check_dedupe_zero_never_drops(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """Messages without ``dedupe`` are all stored, whatever their ids, and a window neither
+    starts with them nor applies to them."""
+    ref = _queue("no_dedupe")
+    destination = ref.destination
+    async with _session(make_broker, [ref], 2) as (first, second):
+        plain = _message(first, destination, "plain")
+        twin = _message(first, destination, "twin", id=plain.id)
+        await first.publish([plain, twin])  # one id twice in a batch
+        again = _message(second, destination, "again", id=plain.id)
+        await second.publish([again])  # and again, from another instance
+        tick = _message(first, destination, "tick", id=plain.id, dedupe=_WINDOW)
+        await first.publish([tick])  # stored: no message was stored with dedupe
+        dropped = _message(second, destination, "dropped", id=plain.id, dedupe=_WINDOW)
+        await second.publish([dropped])  # within the window of the tick
+        last = _message(second, destination, "last", id=plain.id)
+        await second.publish([last])  # without dedupe: never dropped
+        why = "messages without dedupe are never dropped, and do not start a window"
+        await _expect_exactly(first, ref, [plain, twin, again, tick, last], why)
+
+
+@_check
+async def check_dedupe_applies_to_emitted(
+    make_broker: BrokerFactory, *, lease: float = DEFAULT_LEASE
+) -> None:
+    """An ack's emitted message with ``dedupe`` is de-duplicated like a published one."""
+    source, sink = _queue("dedupe_cause"), _queue("dedupe_sink")
+    async with _session(make_broker, [source, sink], 2) as (first, second):
+        await first.publish([_message(first, source.destination, f"cause{n}") for n in range(2)])
+        one, two = await _take(first, source, 2, what="the two messages to handle")
+        tick = _message(first, sink.destination, "emitted", dedupe=_WINDOW)
+        await _settle(first, "ack", one, emitted=[tick])
+        copy = _message(first, sink.destination, "copy", id=tick.id, dedupe=_WINDOW)
+        await _settle(first, "ack", two, emitted=[copy])
+        published = _message(second, sink.destination, "published", id=tick.id, dedupe=_WINDOW)
+        await second.publish([published])
+        assert (await first.stats(source)).pending == 0, "an ack that emitted a copy was ignored"
+        why = f"{tick.id} emitted twice and published once within its window is stored once"
+        await _expect_exactly(second, sink, [tick], why)

@@ -67,6 +67,11 @@ class SubscriptionRef(msgspec.Struct, frozen=True, kw_only=True):
 class OutgoingMessage(msgspec.Struct, frozen=True, kw_only=True):
     """An encoded envelope on its way to a destination.
 
+    ``dedupe``, when above 0, asks the broker to store the message only if no message with the
+    same id was stored to the same destination with ``dedupe`` during the last ``dedupe``
+    seconds (by the broker's clock), atomically with the publish: sources that several runners
+    run (schedule ticks) publish each message once this way.
+
     ``span`` is the message's open ``send`` span when tracing is on (its context is already in
     the envelope); whoever publishes the message ends it. Brokers ignore it.
     """
@@ -78,6 +83,7 @@ class OutgoingMessage(msgspec.Struct, frozen=True, kw_only=True):
     key: str | None = None
     published_at: float = 0.0
     delay: float = 0.0
+    dedupe: float = 0.0
     span: Any = msgspec.field(default=None)
 
 
@@ -240,9 +246,9 @@ class Broker(abc.ABC):
         A message goes to the destination's subscriptions as its kind says. Publishing to a
         destination nothing has declared raises ``UnknownDestination``; so does a settle whose
         ack emits to one (the runner then dead-letters that message with the reason).
-        ``published_at`` of 0 means "now" by the broker's clock. A message whose id was
-        already published to the same destination within the broker's de-duplication window may
-        be dropped as a duplicate (sources rely on this; it is not required for correctness).
+        ``published_at`` of 0 means "now" by the broker's clock. A message with ``dedupe`` set
+        is dropped, silently, when its id was stored to its destination with ``dedupe`` within
+        that many seconds (see :class:`OutgoingMessage`); other messages are never de-duplicated.
         """
 
     @abc.abstractmethod

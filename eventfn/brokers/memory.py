@@ -2,10 +2,12 @@
 
 Brokers with the same URL in one process share their state (``memory://`` and
 ``memory://other`` are two separate brokers), so a publisher and a runner made apart meet.
+``dedupe`` windows run on the broker's ``clock`` (a test may pass a virtual one).
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 from collections.abc import Sequence
@@ -73,6 +75,26 @@ class _State:
         self.subscriptions: dict[str, _Subscription] = {}
         self.seq = itertools.count(1)
         self.record_ids = itertools.count(1)
+        # (destination, id) -> (stored_at, expires_at) of each message stored with ``dedupe``;
+        # the heap orders them by expiry, so that expired ones are dropped on the way.
+        self.dedupe: dict[tuple[str, str], tuple[float, float]] = {}
+        self.expiries: list[tuple[float, tuple[str, str]]] = []
+
+    def first_of_window(self, message: OutgoingMessage, now: float) -> bool:
+        """Record a message with ``dedupe``; False if its id was stored to its destination
+        with ``dedupe`` within the last ``message.dedupe`` seconds (then it is dropped)."""
+        while self.expiries and self.expiries[0][0] <= now:
+            expires_at, gone = heapq.heappop(self.expiries)
+            if self.dedupe.get(gone, (0.0, None))[1] == expires_at:
+                del self.dedupe[gone]
+        key = (message.destination, message.id)
+        stored = self.dedupe.get(key)
+        if stored is not None and stored[0] > now - message.dedupe:
+            return False
+        expires_at = now + message.dedupe
+        self.dedupe[key] = (now, expires_at)
+        heapq.heappush(self.expiries, (expires_at, key))
+        return True
 
 
 _STATES: dict[str, _State] = {}
@@ -116,8 +138,11 @@ class MemoryBroker(Broker):
 
     async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
         targets = [self._targets(message) for message in messages]
+        now = self.clock()
         for message, subs in zip(messages, targets, strict=True):
-            visible_at = (message.published_at or self.clock()) + message.delay
+            if message.dedupe > 0 and not self._state.first_of_window(message, now):
+                continue
+            visible_at = (message.published_at or now) + message.delay
             for sub in subs:
                 sub.rows[next(self._state.seq)] = _Row(0, message, visible_at)
                 sub.wake()

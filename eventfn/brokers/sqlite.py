@@ -25,6 +25,14 @@ Every operation is one awaited statement (a fetch, an all-ack settle, a one-mess
 one short ``BEGIN IMMEDIATE`` transaction with one ``executemany`` per kind of change, so the
 cost per message is SQLite's, not aiosqlite's (about 100 µs per awaited call). Fetches wake at
 once for this instance's own publishes and settles, and poll (1 to 20 ms) for other processes'.
+
+De-duplication (``OutgoingMessage.dedupe``): a batch with such a message is one transaction that
+records each one in ``dedupe`` (destination, id, when stored, when its window ends) with an
+upsert that succeeds only if no copy was stored within the message's window, then inserts the
+messages so recorded (and the others): a record never commits without its message. Each such
+transaction also deletes a few more expired records than it adds. A batch without ``dedupe``
+runs exactly as before. A record lives for its own window: a later copy with a longer window
+than the stored one's may find it gone.
 """
 
 from __future__ import annotations
@@ -71,6 +79,8 @@ _POLL_MAX = 0.02
 
 # Schema version 1. A later version appends its own statements and raises _SCHEMA_VERSION; each
 # runs inside the BEGIN IMMEDIATE of _migrate, which re-reads user_version under the write lock.
+# An addition that older versions can ignore (a new table) goes in _ADDED instead, without a new
+# version, so that runners of an older eventfn keep working on the same file.
 _SCHEMA = (
     """CREATE TABLE destinations (
         name TEXT PRIMARY KEY,
@@ -146,6 +156,20 @@ _SCHEMA = (
     )""",
     "CREATE INDEX dead_letters_by_sub ON dead_letters (sub, state)",
 )
+
+# Made if missing, at every connect (IF NOT EXISTS: a database made before they existed gets
+# them). ``dedupe``: each (destination, id) stored with ``dedupe``, kept until its window ends.
+_ADDED = (
+    """CREATE TABLE IF NOT EXISTS dedupe (
+        destination TEXT NOT NULL,
+        msg_id TEXT NOT NULL,
+        stored_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        PRIMARY KEY (destination, msg_id)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS dedupe_expiry ON dedupe (expires_at)",
+)
+_ADDED_NAMES = ("dedupe", "dedupe_expiry")
 
 # A new stream record is blocked when its key already has an unsettled record there.
 _BLOCKED = """s.kind = 'stream' AND {key} IS NOT NULL AND EXISTS (
@@ -230,6 +254,29 @@ WHERE dl.id = ?1 AND dl.state = 'dead'"""
 _REPLAYED = """UPDATE dead_letters SET state = 'replayed', replayed = replayed + 1
 WHERE id = ? AND state = 'dead'"""
 
+# De-duplication (``OutgoingMessage.dedupe``), in the transaction that inserts the messages: a
+# window's record and its message commit together. ?1 is a JSON array of [destination, id,
+# dedupe], ?2 now. A (destination, id) is recorded, and returned, unless it was stored within
+# the last ``dedupe`` seconds; a second one of the same batch conflicts with the first and is
+# not. (WHERE true: an upsert's SELECT needs a WHERE clause.)
+_DEDUPE_CLAIM = """
+INSERT INTO dedupe (destination, msg_id, stored_at, expires_at)
+SELECT json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'), ?2,
+       ?2 + json_extract(j.value, '$[2]')
+FROM json_each(?1) AS j
+WHERE true
+ORDER BY j.key
+ON CONFLICT (destination, msg_id) DO UPDATE SET
+    stored_at = excluded.stored_at, expires_at = excluded.expires_at
+WHERE dedupe.stored_at <= excluded.stored_at - (excluded.expires_at - excluded.stored_at)
+RETURNING destination, msg_id"""
+# Records whose window ended go lazily: a few more than a claim adds, each time (?1 now).
+_DEDUPE_SWEEP = """DELETE FROM dedupe WHERE (destination, msg_id) IN (
+    SELECT destination, msg_id FROM dedupe WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)"""
+_SWEEP_EXTRA = 64
+# Which of the receipts (?1) still hold their lease: the acks whose emitted messages count.
+_STILL_HELD = f"SELECT seq, claims FROM deliveries WHERE {_HELD}"
+
 
 class _Waker:
     """Wakes this process's fetches of one subscription when this broker changed something."""
@@ -296,7 +343,7 @@ class SQLiteBroker(Broker):
         await self._migrate(db)
 
     async def _migrate(self, db: aiosqlite.Connection) -> None:
-        if await _user_version(db) == _SCHEMA_VERSION:
+        if await _user_version(db) == _SCHEMA_VERSION and await _has_added(db):
             return
         await db.execute("BEGIN IMMEDIATE")
         try:
@@ -311,6 +358,8 @@ class SQLiteBroker(Broker):
                 for statement in _SCHEMA:
                     await db.execute(statement)
                 await db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            for statement in _ADDED:
+                await db.execute(statement)
             await db.execute("COMMIT")
         except BaseException:
             await db.rollback()
@@ -456,8 +505,19 @@ class SQLiteBroker(Broker):
         destinations = {message.destination for message in messages}
         await self._check_destinations(destinations)
         now = self.clock()
-        await self._apply([(_INSERT, [_insert_row(message, now) for message in messages])])
+        if any(message.dedupe > 0 for message in messages):
+            await self._publish_deduped(messages, now)
+        else:
+            await self._apply([(_INSERT, [_insert_row(message, now) for message in messages])])
         self._wake(destinations=destinations)
+
+    async def _publish_deduped(self, messages: Sequence[OutgoingMessage], now: float) -> None:
+        deduped = [(message, None) for message in messages if message.dedupe > 0]
+        async with self._transaction() as db:
+            first = iter(await _first_of_window(db, deduped, now))
+            rows = [_insert_row(m, now) for m in messages if m.dedupe <= 0 or next(first)]
+            if rows:
+                await db.executemany(_INSERT, rows)
 
     def _wake(
         self, *, destinations: Collection[str] = (), subscriptions: Iterable[str] = ()
@@ -531,7 +591,19 @@ class SQLiteBroker(Broker):
         plan = _SettlePlan(settlements, self.clock())
         if plan.emitted:
             await self._check_destinations({row[6] for row in plan.emitted})
-        await self._apply(plan.statements())
+        if not plan.deduped:
+            await self._apply(plan.statements())
+        else:
+            async with self._transaction() as db:
+                deduped = [(message, receipt) for _, message, receipt in plan.deduped]
+                first = await _first_of_window(db, deduped, plan.now)
+                dropped = {
+                    i for (i, _, _), kept in zip(plan.deduped, first, strict=True) if not kept
+                }
+                plan.emitted = [row for i, row in enumerate(plan.emitted) if i not in dropped]
+                for sql, rows in plan.statements():
+                    if rows:
+                        await db.executemany(sql, rows)
         self._wake(
             destinations={row[6] for row in plan.emitted}, subscriptions=plan.changed_subscriptions
         )
@@ -598,6 +670,8 @@ class _SettlePlan:
     def __init__(self, settlements: Sequence[Settlement], now: float) -> None:
         self.now = now
         self.emitted: list[tuple[Any, ...]] = []
+        # emitted messages with ``dedupe``: their place in ``emitted``, and the ack's receipt
+        self.deduped: list[tuple[int, OutgoingMessage, tuple[int, int]]] = []
         self.dead: list[tuple[Any, ...]] = []
         self.retried: list[tuple[Any, ...]] = []
         self.deleted: list[tuple[int, int]] = []
@@ -612,6 +686,8 @@ class _SettlePlan:
         outcome = settlement.outcome
         if outcome == "ack":
             for message in settlement.emitted:
+                if message.dedupe > 0:
+                    self.deduped.append((len(self.emitted), message, receipt))
                 self.emitted.append((*_insert_row(message, self.now), *receipt))
             self.deleted.append(receipt)
         elif outcome == "retry":
@@ -637,6 +713,36 @@ class _SettlePlan:
             (_RETRY, self.retried),
             (_RELEASE, [(_receipts(self.released), self.now)] if self.released else []),
         ]
+
+
+async def _first_of_window(
+    db: aiosqlite.Connection,
+    messages: Sequence[tuple[OutgoingMessage, tuple[int, int] | None]],
+    now: float,
+) -> list[bool]:
+    """Record these messages with ``dedupe`` (each with the receipt of the ack that emits it,
+    or None), in the caller's transaction; for each, whether it is the first of its window and
+    is to be stored. The emitted messages of a stale ack (its lease lost) record nothing and are
+    not stored. Expired records of any destination are swept on the way."""
+    live = [True] * len(messages)
+    receipts = {receipt for _, receipt in messages if receipt is not None}
+    if receipts:
+        rows = await db.execute_fetchall(_STILL_HELD, (_receipts(receipts),))
+        held = {(int(seq), int(claims)) for seq, claims in rows}
+        live = [receipt is None or receipt in held for _, receipt in messages]
+    await db.execute(_DEDUPE_SWEEP, (now, 2 * len(messages) + _SWEEP_EXTRA))
+    claims = [
+        [m.destination, m.id, m.dedupe] for (m, _), ok in zip(messages, live, strict=True) if ok
+    ]
+    rows = await db.execute_fetchall(_DEDUPE_CLAIM, (_json_encode(claims).decode(), now))
+    recorded = {(destination, msg_id) for destination, msg_id in rows}
+    first: list[bool] = []
+    for (message, _), ok in zip(messages, live, strict=True):
+        key = (message.destination, message.id)
+        first.append(ok and key in recorded)
+        if ok:
+            recorded.discard(key)  # a second copy in the batch is not the first
+    return first
 
 
 def _insert_row(message: OutgoingMessage, now: float) -> tuple[Any, ...]:
@@ -665,6 +771,15 @@ def _record_number(record_id: str) -> int | None:
         return int(record_id)
     except ValueError:
         return None
+
+
+async def _has_added(db: aiosqlite.Connection) -> bool:
+    """Whether the tables and indexes of ``_ADDED`` are all there."""
+    [(count,)] = await db.execute_fetchall(
+        "SELECT count(*) FROM sqlite_master WHERE name IN (SELECT value FROM json_each(?))",
+        (json.dumps(_ADDED_NAMES),),
+    )
+    return int(count) == len(_ADDED_NAMES)
 
 
 async def _user_version(db: aiosqlite.Connection) -> int:

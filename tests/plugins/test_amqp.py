@@ -174,3 +174,45 @@ async def _kill_connection(broker: Broker) -> None:
     connection = broker._connection  # type: ignore[attr-defined]
     assert connection is not None
     await connection.close()
+
+
+# -- de-duplication (OutgoingMessage.dedupe) ------------------------------------------------------
+
+
+async def _queued(url: str, queue: str) -> int:
+    """How many messages a queue holds (a passive declare, on a channel of its own)."""
+    async with await aio_pika.connect(url.split("?")[0]) as connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        count = declared.declaration_result.message_count or 0
+        await channel.close()
+        return count
+
+
+async def test_dedupe_store_keeps_only_records_whose_window_runs(amqp_url: str) -> None:
+    jobs = SubscriptionRef(destination="jobs", kind="queue")
+
+    def tick(message_id: str, window: float) -> OutgoingMessage:
+        return OutgoingMessage(
+            destination="jobs", id=message_id, type="t", body=b"{}", dedupe=window
+        )
+
+    async with from_url(amqp_url) as broker:
+        await broker.declare([jobs])
+        store = broker.names.dedupe  # type: ignore[attr-defined]
+        await broker.publish([tick(f"short{n}", 0.3) for n in range(5)] + [tick("long", 3600)])
+        await broker.publish([tick("long", 3600)])  # dropped, its record kept as it is
+        assert await _queued(amqp_url, store) == 6
+        await anyio.sleep(0.5)
+        await broker.publish([tick("short0", 0.3)])  # stored again; ended records deleted
+        assert await _queued(amqp_url, store) == 2
+        got = await broker.fetch(jobs, 20, lease=60, wait=0.5)
+        while len(got) < 7:
+            more = await broker.fetch(jobs, 20, lease=60, wait=0.5)
+            assert more, f"only {len(got)} of 7 messages came"
+            got += more
+        assert Counter(d.id for d in got) == {
+            **{f"short{n}": 1 for n in range(5)},
+            "long": 1,
+            "short0": 2,
+        }

@@ -446,3 +446,55 @@ async def test_server_restart_mid_burst_loses_nothing(
     assert summary.handled >= count
     logged = caplog.text
     assert "disconnected" in logged and "reconnected" in logged, "the reconnect was not logged"
+
+
+# -- de-duplication (OutgoingMessage.dedupe) ------------------------------------------------------
+
+
+def _tick(tag: str, window: float, message_id: str = "tick") -> OutgoingMessage:
+    return OutgoingMessage(
+        destination="jobs", id=message_id, type="job", body=tag.encode(), dedupe=window
+    )
+
+
+async def _markers(broker: NatsBroker) -> int:
+    info = await broker._wire.api(f"STREAM.INFO.{broker.names.dedupe_stream}")
+    return int(info["state"]["messages"])
+
+
+async def test_dedupe_copy_is_dropped_when_its_first_runner_died_before_marking(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with from_url(url) as crashed, from_url(url) as other:
+        assert isinstance(crashed, NatsBroker) and isinstance(other, NatsBroker)
+        await crashed.declare([JOBS])
+
+        async def dies_before_marking(marks: object) -> None:
+            return None
+
+        # the message is stored, its marker never written
+        monkeypatch.setattr(crashed._dedupe, "mark", dies_before_marking)
+        await crashed.publish([_tick("first", 3600)])
+        assert await _markers(crashed) == 0
+        # JetStream's own window drops the copy of another runner, which writes the marker
+        await other.publish([_tick("copy", 3600)])
+        assert await _markers(other) == 1
+        await other.publish([_tick("later", 3600)])  # dropped by the marker
+        got = await _take(other, JOBS, 1)
+        assert [d.body for d in got] == [b"first"]
+        assert await other.fetch(JOBS, 10, lease=HOLD, wait=0.3) == []
+
+
+async def test_dedupe_markers_whose_window_ended_are_swept(url: str) -> None:
+    async with from_url(url) as broker:
+        assert isinstance(broker, NatsBroker)
+        await broker.declare([JOBS])
+        await broker.publish([_tick("long", 3600, "long")])  # at the head: holds nothing back
+        await broker.publish([_tick("short", 0.5, f"t{n}") for n in range(300)])
+        assert await _markers(broker) == 301
+        await anyio.sleep(0.6)
+        broker._dedupe._next_sweep = 0.0  # sweeps run at most once a minute
+        await broker.publish([_tick("new", 3600, "new")])
+        assert await _markers(broker) == 2, "markers of ended windows were left behind"
+        got = await _take(broker, JOBS, 302)
+        assert len({d.id for d in got}) == 302

@@ -617,3 +617,59 @@ def test_sigkill_mid_burst_leaves_every_row_and_event_exactly_once(
             return await audited(broker, count, audit)
 
     assert anyio.run(events) == list(range(count)), "an event was lost or duplicated"
+
+
+# -- de-duplication (OutgoingMessage.dedupe) ------------------------------------------------------
+
+
+class _Clock:
+    """Virtual epoch seconds that move only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def tick(tag: str, window: float, message_id: str = "tick") -> OutgoingMessage:
+    return OutgoingMessage(
+        destination="jobs", id=message_id, type="test", body=tag.encode(), dedupe=window
+    )
+
+
+async def test_dedupe_table_is_added_to_a_namespace_made_before_it(pg_url: str) -> None:
+    async with from_url(pg_url) as broker:
+        await broker.declare([JOBS])
+    schema = namespace(pg_url)
+    await query(pg_url, f'DROP TABLE "{schema}".dedupe')  # as an older eventfn left it
+    async with from_url(pg_url) as broker:
+        await broker.publish([tick("first", 60), tick("copy", 60)])
+        await broker.publish([tick("later", 60)])
+        got = await take(broker, JOBS, 1)
+        assert [d.body for d in got] == [b"first"]
+        assert await broker.fetch(JOBS, 10, lease=60, wait=0.2) == []
+    rows = await query(pg_url, f'SELECT version FROM "{schema}".meta')
+    assert [row[0] for row in rows] == [1], "older runners must still accept the schema"
+
+
+async def test_dedupe_by_the_broker_clock_with_expired_records_swept(pg_url: str) -> None:
+    clock = _Clock()
+    table = f'"{namespace(pg_url)}".dedupe'
+    async with PostgresBroker(pg_url, clock=clock) as broker:
+        await broker.declare([JOBS])
+        await broker.publish([tick("t", 10, f"t{n}") for n in range(100)])
+        clock.now += 9.9
+        await broker.publish([tick("copy", 10, "t0")])  # within the window: dropped
+        clock.now += 0.2
+        # the window has ended: stored again, and each publish with dedupe deletes up to
+        # 2 * 1 + 64 records whose windows ended (of other ids)
+        await broker.publish([tick("again", 10, "t0")])
+        assert [row[0] for row in await query(pg_url, f"SELECT count(*) FROM {table}")] == [34]
+        clock.now += 100
+        await broker.publish([tick("new", 10, "new")])
+        assert [row[0] for row in await query(pg_url, f"SELECT count(*) FROM {table}")] == [1]
+        await broker.publish([tick("new", 10, "newer")])
+        assert [row[0] for row in await query(pg_url, f"SELECT count(*) FROM {table}")] == [2]
+        got = await take(broker, JOBS, 103)
+        assert Counter(d.id for d in got)["t0"] == 2

@@ -412,3 +412,21 @@ def test_broker_is_registered_for_redis_urls() -> None:
     broker: Broker = from_url("rediss://127.0.0.1:6380/0?namespace=x")
     assert isinstance(broker, RedisBroker)
     assert broker.namespace == "x"
+
+
+# -- de-duplication (OutgoingMessage.dedupe) ------------------------------------------------------
+
+
+async def test_dedupe_record_is_one_key_that_expires_with_its_window(url: str) -> None:
+    tick = OutgoingMessage(destination="jobs", id="tick", type="job", body=b"{}", dedupe=30.0)
+    async with from_url(url) as broker:
+        assert isinstance(broker, RedisBroker)
+        await broker.declare([JOBS])
+        await broker.publish([tick, tick])  # the same id twice in one batch
+        await broker.publish([_message(1)])  # without dedupe: no record
+        [key] = await _keys(f"{broker.namespace}:dd:*")
+        async with Redis.from_url("redis://127.0.0.1:6379/0") as client:
+            ttl = await client.pttl(key)
+        assert 25_000 < ttl <= 30_000, f"the record's TTL is {ttl} ms, not its 30 s window"
+        got = await broker.fetch(JOBS, 10, lease=HOLD, wait=0.2)
+        assert sorted(d.id for d in got) == ["m1", "tick"]

@@ -5,6 +5,7 @@ names, so two names never collide)::
 
     {ns}/catalog                 classic queue: what was declared (read under the lock)
     {ns}/lock                    exclusive queue: held while reading or changing shared state
+    {ns}/dedupe                  classic queue: ids stored with dedupe (read under the lock)
     {ns}/x/{destination}         topic exchange of a destination
     {ns}/q/{subscription}        quorum queue of a queue or topic subscription
     {ns}/q/{subscription}/{p}    quorum queue of partition p of a stream subscription
@@ -104,6 +105,7 @@ class Names:
         self.namespace = namespace
         self.catalog = _fit(f"{namespace}/catalog")
         self.lock = _fit(f"{namespace}/lock")
+        self.dedupe = _fit(f"{namespace}/dedupe")
 
     def exchange(self, destination: str) -> str:
         return _fit(f"{self.namespace}/x/{destination}")

@@ -1,4 +1,4 @@
-"""Shared state kept in RabbitMQ itself: the catalog and the dead-letter store.
+"""Shared state kept in RabbitMQ itself: the catalog, the dead-letter and de-duplication stores.
 
 AMQP 0.9.1 can neither list queues nor read a message without taking it, so shared state lives
 in plain classic queues, one message per entry, and is read by taking every message and giving
@@ -108,6 +108,57 @@ class Catalog:
             for queue in sorted(queues)
         ]
         return [encode_entry(entry) for entry in entries]
+
+
+class DedupeRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A message stored with ``dedupe``: its destination and id, when it was stored (``at``),
+    and when its window ends (``until``: the record may be deleted from then on)."""
+
+    destination: str
+    id: str
+    at: float
+    until: float
+
+
+encode_dedupe = msgspec.json.Encoder().encode
+_decode_dedupe = msgspec.json.Decoder(DedupeRecord).decode
+
+
+@dataclass
+class DedupeStore:
+    """The de-duplication store as read: the newest record of each (destination, id), and
+    the messages of the records that are no longer needed (their window ended, or a newer
+    record of the same id replaced them)."""
+
+    newest: dict[tuple[str, str], DedupeRecord] = field(default_factory=dict)
+    stale: list[DeliveredMessage] = field(default_factory=list)
+    _found: dict[tuple[str, str], DeliveredMessage] = field(default_factory=dict)
+
+    @classmethod
+    def fold(cls, messages: Iterable[DeliveredMessage], now: float) -> DedupeStore:
+        store = cls()
+        for message in messages:
+            try:
+                record = _decode_dedupe(message.body)
+            except msgspec.DecodeError:
+                continue  # written by a newer version: not ours to interpret
+            if record.until <= now:
+                store.stale.append(message)
+                continue
+            key = (record.destination, record.id)
+            newest = store.newest.get(key)
+            if newest is not None and newest.at >= record.at:
+                store.stale.append(message)
+                continue
+            if newest is not None:
+                store.stale.append(store._found[key])
+            store.newest[key] = record
+            store._found[key] = message
+        return store
+
+    def replaced(self, keys: Iterable[tuple[str, str]]) -> list[DeliveredMessage]:
+        """The messages of the records of these keys (once newer ones are stored)."""
+        return [self._found[key] for key in keys if key in self._found]
 
 
 class StoredRecord(msgspec.Struct, frozen=True, kw_only=True):

@@ -61,7 +61,17 @@ from eventfn_amqp._names import (
 )
 from eventfn_amqp._publish import Outgoing, Publisher
 from eventfn_amqp._queues import QueueConsumer, QueueLease
-from eventfn_amqp._store import BucketEntry, Catalog, SubEntry, browse, encode_entry, locked
+from eventfn_amqp._store import (
+    BucketEntry,
+    Catalog,
+    DedupeRecord,
+    DedupeStore,
+    SubEntry,
+    browse,
+    encode_dedupe,
+    encode_entry,
+    locked,
+)
 from eventfn_amqp._streams import StreamConsumer, StreamRecord
 from eventfn_amqp._wire import RECORD, REPLAYED, Incoming, dead, headers_of, properties
 
@@ -314,8 +324,49 @@ class AmqpBroker(Broker):
             return
         await self._require({message.destination for message in messages})
         now = self.clock()
+        if any(message.dedupe > 0 for message in messages):
+            await self._publish_deduped(messages, now)
+            return
         outgoing = [await self._route(message, now) for message in messages]
         await self._publisher.send(outgoing)
+
+    async def _publish_deduped(self, messages: Sequence[OutgoingMessage], now: float) -> None:
+        """Publish a batch with some message with ``dedupe``, under the namespace's lock: the
+        store of ids is read, the messages that are the first of their window are published
+        (with the others), and only then their records are added (see the README)."""
+        async with self._lock() as connection:
+            browsed = await browse(connection, self.names.dedupe)
+            try:
+                store = DedupeStore.fold(browsed.messages, now)
+                kept: list[OutgoingMessage] = []
+                records: dict[tuple[str, str], DedupeRecord] = {}
+                for message in messages:
+                    if message.dedupe > 0:
+                        key = (message.destination, message.id)
+                        newest = store.newest.get(key)
+                        if key in records or (
+                            newest is not None and newest.at > now - message.dedupe
+                        ):
+                            continue  # a copy within the window: dropped
+                        records[key] = DedupeRecord(
+                            destination=key[0], id=key[1], at=now, until=now + message.dedupe
+                        )
+                    kept.append(message)
+                await self._publisher.send([await self._route(m, now) for m in kept])
+                raw = await self._admin_raw()
+                await raw.queue_declare(self.names.dedupe, durable=True)
+                await self._publisher.send(
+                    [
+                        Outgoing(
+                            "", self.names.dedupe, encode_dedupe(record), properties("", "", {})
+                        )
+                        for record in records.values()
+                    ]
+                )
+                for record in store.stale + store.replaced(records):
+                    await browsed.ack(record)
+            finally:
+                await browsed.close()
 
     async def _require(self, destinations: set[str]) -> None:
         """Raise ``UnknownDestination`` unless every destination's exchange exists."""
@@ -448,6 +499,10 @@ class AmqpBroker(Broker):
         emitted = [m for s, _ in plan if s.outcome == "ack" for m in s.emitted]
         await self._require({message.destination for message in emitted})
         now = self.clock()
+        if any(message.dedupe > 0 for message in emitted):
+            # published and recorded now, before the acks, like the others
+            await self._publish_deduped([m for m in emitted if m.dedupe > 0], now)
+            emitted = [message for message in emitted if message.dedupe <= 0]
         outgoing = [await self._route(message, now) for message in emitted]
         for settlement, held in plan:
             if settlement.outcome == "dead":
@@ -694,6 +749,7 @@ class AmqpBroker(Broker):
             for destination in catalog.kinds:
                 await raw.exchange_delete(self.names.exchange(destination))
             await raw.exchange_delete(self._delays)
+            await raw.queue_delete(self.names.dedupe)
             await raw.queue_delete(self.names.catalog)
         self._destinations.clear()
         self._buckets.clear()

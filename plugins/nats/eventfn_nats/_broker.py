@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import time
+import uuid
 from collections.abc import Sequence
 from urllib.parse import unquote
 
@@ -22,12 +24,13 @@ from eventfn.brokers.base import (
 )
 from eventfn.exceptions import ConfigurationError
 from eventfn_nats._deadletters import DeadLetters
+from eventfn_nats._dedupe import Dedupe, Mark
 from eventfn_nats._layout import KEYLESS, LATER, Layout, unknown
 from eventfn_nats._names import Names, parse_url, split_subscription, token
 from eventfn_nats._puller import Pulled, Puller
 from eventfn_nats._receipt import Bookkeeping, Receipt, parse_reply
 from eventfn_nats._views import Destination, Subscription, moved, nak
-from eventfn_nats._wire import Wire
+from eventfn_nats._wire import Outgoing, Wire
 
 _TIMEOUT = 5.0  # seconds an API call or a batch of publish acks may take
 _MOVE_EVERY = 0.1  # seconds between looks for delayed messages that came due
@@ -58,6 +61,11 @@ class NatsBroker(Broker):
         self._layout = Layout(self._wire, self.names, self.lease, settings.max_deliver)
         self._book = Bookkeeping(self._wire, self.names)
         self._dead = DeadLetters(self._wire, self.names, self.clock)
+        self._dedupe = Dedupe(self._wire, self.names, self._layout)
+        # Nats-Msg-Id of a message without dedupe: unique, so that JetStream drops only the
+        # same publish sent again after a reconnection, never another message of the same id.
+        instance = uuid.uuid4().hex[:16]
+        self._msg_ids = (f"{instance}.{n}" for n in itertools.count())
         self._kinds: dict[str, Kind] = {}
         self._subs: dict[str, Subscription] = {}
         self._destinations: dict[str, Destination] = {}
@@ -116,7 +124,10 @@ class NatsBroker(Broker):
     async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
         await self._publish(messages)
 
-    async def _publish(self, messages: Sequence[OutgoingMessage], suffix: str = "") -> None:
+    async def _publish(
+        self, messages: Sequence[OutgoingMessage], msg_ids: Sequence[str] | None = None
+    ) -> None:
+        """Publish ``messages``; ``msg_ids``, their ``Nats-Msg-Id`` if the caller has them."""
         if not messages:
             return
         kinds: dict[str, Kind] = {}
@@ -125,22 +136,44 @@ class NatsBroker(Broker):
             kinds[destination] = await self._kind(destination)
             if kinds[destination] == "stream":  # read fresh: a group declared now gets copies
                 groups[destination] = await self._layout.groups(destination)
-        outgoing = []
-        promote = []
         now = self.clock()
-        for message in messages:
+        ids: Sequence[str | None] | None = msg_ids
+        marks: list[Mark] = []
+        if ids is None and any(message.dedupe > 0 for message in messages):
+            ids, marks = await self._deduplicate(messages, now)
+        outgoing: list[Outgoing] = []
+        promote = []
+        for index, message in enumerate(messages):
+            msg_id = next(self._msg_ids) if ids is None else ids[index]
+            if msg_id is None:
+                continue  # a copy within its de-duplication window: dropped
             sends, keys = self._layout.route(
                 message,
                 kinds[message.destination],
                 groups.get(message.destination, {}),
                 message.published_at or now,
-                suffix,
+                msg_id,
             )
             outgoing += sends
             promote += keys
         await self._wire.publish(outgoing, "publishing")
+        if marks:
+            await self._dedupe.mark(marks)  # only once their messages are stored
         for ref, key in dict.fromkeys(promote):
             await self._layout.promote(ref, key)
+
+    async def _deduplicate(
+        self, messages: Sequence[OutgoingMessage], now: float
+    ) -> tuple[list[str | None], list[Mark]]:
+        """Each message's ``Nats-Msg-Id``, None for one dropped as a copy (see ``_dedupe``)."""
+        places = [index for index, message in enumerate(messages) if message.dedupe > 0]
+        found, marks = await self._dedupe.first_of_window([messages[i] for i in places], now)
+        ids: list[str | None] = [
+            None if message.dedupe > 0 else next(self._msg_ids) for message in messages
+        ]
+        for index, msg_id in zip(places, found, strict=True):
+            ids[index] = msg_id
+        return ids, marks
 
     async def _kind(self, destination: str) -> Kind:
         """A destination's kind, read once: it never changes (short of ``drop``)."""
@@ -260,6 +293,7 @@ class NatsBroker(Broker):
         destination.next_due = math.inf
         pulled = await destination.later.pull(256, 0.0)
         due: list[OutgoingMessage] = []
+        due_ids: list[str] = []
         replies: list[str] = []
         with self._wire.boundary("moving delayed messages"):
             for msg, _ in pulled:
@@ -271,10 +305,13 @@ class NatsBroker(Broker):
                     continue
                 key = headers.get("Ef-Key")
                 key = None if key is None else unquote(key)
-                due.append(moved(destination.name, msg.data, headers, key))
+                message = moved(destination.name, msg.data, headers, key)
+                due.append(message)
+                # one per delayed record, so that a move redone after a crash stores it once
+                due_ids.append(f"{message.id}~due{parse_reply(msg.reply)[1]}")
                 replies.append(msg.reply)
         if due:
-            await self._publish(due, suffix="~due")
+            await self._publish(due, due_ids)
             with self._wire.boundary("moving delayed messages"):
                 for reply in replies:
                     await self._wire.nc.publish(reply, _ACK)

@@ -161,12 +161,14 @@ class Layout:
         kind: Kind,
         groups: dict[str, list[str] | None],
         published_at: float,
-        suffix: str = "",
+        msg_id: str,
     ) -> tuple[list[Outgoing], list[tuple[SubscriptionRef, str]]]:
-        """The publishes of one message, and the (group, key) pairs to promote after."""
-        headers = {"Nats-Msg-Id": message.id + suffix, "Ef-Pub": repr(published_at)}
-        if suffix:
-            headers["Ef-Id"] = message.id
+        """The publishes of one message, and the (group, key) pairs to promote after.
+
+        ``msg_id`` is its ``Nats-Msg-Id``: unique to this publish (sent again only after a
+        reconnection), or derived from the message id for one with ``dedupe`` (``_dedupe``).
+        """
+        headers = {"Nats-Msg-Id": msg_id, "Ef-Id": message.id, "Ef-Pub": repr(published_at)}
         if message.key is not None:
             headers["Ef-Key"] = quote(message.key, safe="")
         destination = message.destination
@@ -196,7 +198,6 @@ class Layout:
                 continue
             ref = SubscriptionRef(destination=message.destination, kind="stream", group=group)
             copy = {**headers, "Nats-Msg-Id": f"{headers['Nats-Msg-Id']}~{token(group)}"}
-            copy["Ef-Id"] = message.id
             if key == KEYLESS:
                 outgoing.append((self.names.ready_subject(ref, key), message.body, copy))
             else:

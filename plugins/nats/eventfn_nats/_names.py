@@ -110,14 +110,16 @@ class Names:
     - every kind: messages published with a delay wait on ``.later`` for the ``~later``
       consumer, which moves them when due.
 
-    Beside them ``{ns}~~sys`` keeps destination metadata and delivery bookkeeping, and
-    ``{ns}~~dlq`` the dead letters.
+    Beside them ``{ns}~~sys`` keeps destination metadata and delivery bookkeeping,
+    ``{ns}~~dlq`` the dead letters, and ``{ns}~~dd`` the de-duplication markers.
     """
 
     def __init__(self, namespace: str) -> None:
         self.ns = namespace
         self.sys_stream = f"{namespace}~~sys"
         self.dlq_stream = f"{namespace}~~dlq"
+        self.dedupe_stream = f"{namespace}~~dd"
+        self.dedupe_subjects = f"{namespace}.~dd.>"
         self.all_subjects = f"{namespace}.>"
 
     # -- destinations --------------------------------------------------------------------
@@ -165,6 +167,11 @@ class Names:
 
     def due_subject(self, ref: SubscriptionRef, sequence: int | str) -> str:
         return f"{self.ns}.~sys.due.{token(ref.destination)}.{token(ref.group)}.{sequence}"
+
+    # -- de-duplication markers (in the dd stream) ------------------------------------------
+
+    def marker_subject(self, destination: str, message_id: str) -> str:
+        return f"{self.ns}.~dd.{token(destination)}.{hashed(message_id)}"
 
     # -- dead letters (in the dlq stream) ---------------------------------------------------
 

@@ -246,6 +246,22 @@ class Wire:
             acks.append(PubAck(int(answer["seq"]), bool(answer.get("duplicate"))))
         return acks
 
+    async def publish_each(self, outgoing: Sequence[Outgoing], what: str) -> list[ApiError | None]:
+        """Store messages in their streams; for each, None or the error it was refused with."""
+        results: list[ApiError | None] = []
+        for reply in await self.send(outgoing, what):
+            _check_status(reply, what, self.describe)
+            error = json.loads(reply.data).get("error")
+            results.append(
+                None
+                if not error
+                else ApiError(
+                    f"{what} on {self.describe()}: {error.get('description')}",
+                    int(error.get("err_code", 0)),
+                )
+            )
+        return results
+
     async def get(self, stream: str, request: dict[str, Any]) -> Stored | None:
         """A direct get (``seq``, ``last_by_subj`` or ``next_by_subj``); None if not found."""
         [found] = await self.get_many(stream, [request])
@@ -278,6 +294,17 @@ class Wire:
     async def delete(self, stream: str, sequence: int) -> None:
         with contextlib.suppress(ApiError):  # already gone is fine
             await self.api(f"STREAM.MSG.DELETE.{stream}", {"seq": sequence, "no_erase": True})
+
+    async def delete_many(self, stream: str, sequences: Sequence[int]) -> None:
+        """Delete these messages, all at once; one already gone is fine."""
+        subject = f"{API}.STREAM.MSG.DELETE.{stream}"
+        await self.send(
+            [
+                (subject, json.dumps({"seq": seq, "no_erase": True}).encode(), None)
+                for seq in sequences
+            ],
+            f"deleting from {stream}",
+        )
 
     async def subject_counts(self, stream: str, subjects: str) -> dict[str, int]:
         """Messages per subject matching ``subjects`` in ``stream``."""

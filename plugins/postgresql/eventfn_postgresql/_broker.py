@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -155,12 +156,14 @@ class PostgresBroker(Broker):
         if not batch:
             await anyio.lowlevel.checkpoint()
             return
-        found = messages(batch, self.clock())
+        now = self.clock()
+        found = messages(batch, now)
         await self._check_destinations(found.destinations)
+        sql, arguments = self.sql.publish, list[Any](found.arrays)
+        if found.deduped:
+            sql, arguments = self.sql.publish_deduped, [*found.arrays, found.windows, now]
         with anyio.CancelScope(shield=True):
-            woken = await self._db.call(
-                "cannot publish", lambda c: c.fetchval(self.sql.publish, *found.arrays)
-            )
+            woken = await self._db.call("cannot publish", lambda c: c.fetchval(sql, *arguments))
         self._listener.wake(woken)
 
     # -- consuming ----------------------------------------------------------------------------

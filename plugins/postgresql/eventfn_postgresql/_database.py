@@ -19,7 +19,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from eventfn.exceptions import BrokerError, BrokerUnavailable
 from eventfn_postgresql._errors import CONTENDED, mapped
-from eventfn_postgresql._sql import SCHEMA_VERSION, Statements
+from eventfn_postgresql._sql import ADDED_TABLES, SCHEMA_VERSION, Statements
 from eventfn_postgresql._url import Settings
 
 log = logging.getLogger("eventfn.postgresql")
@@ -88,7 +88,9 @@ class Database:
         return pool
 
     async def _migrate(self, connection: Connection) -> None:
-        if await self._schema_version(connection) == SCHEMA_VERSION:
+        if await self._schema_version(connection) == SCHEMA_VERSION and await self._has_added(
+            connection
+        ):
             return
         async with connection.transaction():
             # Two runners starting at once on a new namespace: one creates, the other waits here
@@ -106,6 +108,9 @@ class Database:
                     f"PostgreSQL broker {self.described} has schema version {version}, newer "
                     f"than this eventfn-postgresql understands ({SCHEMA_VERSION}); upgrade it"
                 )
+            else:  # made by an older version: add what it lacks
+                for statement in self.sql.added:
+                    await connection.execute(statement)
 
     async def _schema_version(self, connection: Connection) -> int | None:
         # pg_class itself, not to_regclass(): a name lookup may answer from this session's
@@ -119,6 +124,16 @@ class Database:
             return None
         version: int | None = await connection.fetchval(self.sql.version)
         return version
+
+    async def _has_added(self, connection: Connection) -> bool:
+        """Whether the namespace has every table of ``ADDED_TABLES``."""
+        count = await connection.fetchval(
+            "SELECT count(*) FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n"
+            " ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = ANY ($2::text[])",
+            self.settings.namespace,
+            list(ADDED_TABLES),
+        )
+        return bool(count == len(ADDED_TABLES))
 
     async def close(self) -> None:
         pools = (self._pool, self._outbox)

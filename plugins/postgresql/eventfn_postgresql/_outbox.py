@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from types import TracebackType
-from typing import SupportsIndex
+from typing import Any, SupportsIndex
 
 import anyio
 import asyncpg
@@ -48,7 +48,7 @@ class OutboxClosed(ConfigurationError):
     published. Emit inside the ``async with`` block."""
 
 
-def transaction(ctx: Context, *, connection: Connection | None = None) -> Transaction:
+def transaction(ctx: Context[Any], *, connection: Connection | None = None) -> Transaction:
     """Your writes, the message's ack and the events it emitted, in one transaction.
 
     ``ctx`` is the handler's :class:`eventfn.Context`. The block gets an asyncpg connection in a
@@ -69,7 +69,7 @@ def transaction(ctx: Context, *, connection: Connection | None = None) -> Transa
 class Transaction:
     """The async context manager that :func:`transaction` returns (one use)."""
 
-    def __init__(self, ctx: Context, connection: Connection | None) -> None:
+    def __init__(self, ctx: Context[Any], connection: Connection | None) -> None:
         receipt = ctx.delivery.receipt
         if not isinstance(receipt, Receipt):
             raise ConfigurationError(

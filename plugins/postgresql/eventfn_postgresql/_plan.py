@@ -11,12 +11,15 @@ from eventfn_postgresql._sql import SettleShape
 
 
 class Messages:
-    """Messages to insert, as seven parallel arrays (``unnest`` makes them rows again)."""
+    """Messages to insert, as seven parallel arrays (``unnest`` makes them rows again), and
+    their ``dedupe`` windows, sent only when some message has one (``deduped``)."""
 
-    __slots__ = ("arrays", "destinations")
+    __slots__ = ("arrays", "deduped", "destinations", "windows")
 
     def __init__(self) -> None:
         self.arrays: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
+        self.windows: list[float] = []
+        self.deduped = False
         self.destinations: set[str] = set()
 
     def add(self, message: OutgoingMessage, now: float) -> None:
@@ -31,6 +34,9 @@ class Messages:
         types.append(message.type)
         destinations.append(message.destination)
         self.destinations.add(message.destination)
+        self.windows.append(message.dedupe)
+        if message.dedupe > 0:
+            self.deduped = True
 
     def __len__(self) -> int:
         return len(self.arrays[0])
@@ -85,6 +91,7 @@ class SettlePlan:
             emitted=bool(self.causes),
             retry=bool(self.retried[0]),
             release=bool(self.released[0]),
+            deduped=self.emitted.deduped,
         )
 
     def arguments(self) -> list[Any]:
@@ -97,6 +104,8 @@ class SettlePlan:
             arguments += self.dead
         if shape.emitted:
             arguments += [self.causes, *self.emitted.arrays]
+            if shape.deduped:
+                arguments += [self.emitted.windows, self.now]
         if shape.retry:
             arguments += self.retried
         if shape.release:

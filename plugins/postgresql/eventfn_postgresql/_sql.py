@@ -27,6 +27,10 @@ from typing import NamedTuple
 
 SCHEMA_VERSION = 1
 
+# Tables that older versions can ignore, made if missing (a namespace made before they existed
+# gets them at the next connect) without a new version, so that older runners keep working.
+ADDED_TABLES = ("dedupe",)
+
 # Times are epoch seconds (float8) from the broker's clock, like every eventfn broker.
 _TABLES = """
 CREATE TABLE {s}.meta (version integer NOT NULL);
@@ -93,6 +97,18 @@ CREATE TABLE {s}.dead_letters (
 CREATE INDEX dead_letters_listed ON {s}.dead_letters (sub, id) WHERE state = 'dead';
 """
 
+# Each (destination, id) stored with ``dedupe``: when, and until when its window lasts.
+_ADDED = """
+CREATE TABLE IF NOT EXISTS {s}.dedupe (
+    destination text NOT NULL,
+    msg_id text NOT NULL,
+    stored_at double precision NOT NULL,
+    expires_at double precision NOT NULL,
+    PRIMARY KEY (destination, msg_id)
+);
+CREATE INDEX IF NOT EXISTS dedupe_expiry ON {s}.dedupe (expires_at);
+"""
+
 _TRIGGERS = """
 CREATE FUNCTION {s}.stream_link() RETURNS trigger LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -148,6 +164,37 @@ RETURNING sub"""
 _EVERY_GROUP = "s.destination = m.destination AND (s.types IS NULL OR m.type = ANY (s.types))"
 
 
+# De-duplication (``OutgoingMessage.dedupe``) of the message rows ``{rows}`` (with ``dedupe`` and
+# ``ord``), in the statement that inserts them: a window's record and its message commit
+# together. The first row of each (destination, id) with dedupe is recorded unless that id was
+# stored there within the last ``dedupe`` seconds: INSERT ... ON CONFLICT waits for a concurrent
+# publisher of the same id and then sees its record. ``kept`` is what is to be stored. Expired
+# records go lazily: a few more than a batch adds, skipping any another transaction holds.
+_DEDUPE = """firsts AS (
+    SELECT DISTINCT ON (destination, id) destination, id, dedupe, ord FROM {rows}
+    WHERE dedupe > 0 ORDER BY destination, id, ord
+), swept AS (
+    DELETE FROM {s}.dedupe WHERE ctid = ANY (ARRAY(
+        SELECT d.ctid FROM {s}.dedupe AS d
+        WHERE d.expires_at <= {now} AND NOT EXISTS (
+            SELECT FROM firsts AS f WHERE f.destination = d.destination AND f.id = d.msg_id)
+        ORDER BY d.expires_at
+        LIMIT (SELECT 2 * count(*) + 64 FROM firsts)
+        FOR UPDATE SKIP LOCKED
+    ))
+), recorded AS (
+    INSERT INTO {s}.dedupe AS t (destination, msg_id, stored_at, expires_at)
+    SELECT destination, id, {now}, {now} + dedupe FROM firsts ORDER BY destination, id
+    ON CONFLICT (destination, msg_id) DO UPDATE
+        SET stored_at = excluded.stored_at, expires_at = excluded.expires_at
+        WHERE t.stored_at <= excluded.stored_at - (excluded.expires_at - excluded.stored_at)
+    RETURNING t.destination, t.msg_id
+), kept AS (
+    SELECT r.* FROM {rows} AS r WHERE r.dedupe <= 0 OR r.ord IN (
+        SELECT f.ord FROM firsts AS f
+        JOIN recorded AS c ON c.destination = f.destination AND c.msg_id = f.id)
+)"""
+
 # Every statement that may make a subscription's messages fetchable ends with this: one NOTIFY
 # per subscription (payload: its id), delivered to every listening broker at commit.
 _NOTIFY = """notified AS (
@@ -167,11 +214,14 @@ def channel_of(namespace: str) -> str:
 
 
 def _messages(params: list[str], cause: str | None = None) -> str:
-    """``m``: the messages of a batch as rows, from seven parallel arrays (and the seq of the
-    ack that emitted each, as ``cause``), with ``ord``, their place in the batch."""
-    types = ["text", "bytea", "text", "float8", "float8", "text", "text"]
-    arrays = [f"{p}::{t}[]" for p, t in zip(params, types, strict=True)]
+    """``m``: the messages of a batch as rows, from seven parallel arrays (eight with
+    ``dedupe``; and the seq of the ack that emitted each, as ``cause``), with ``ord``, their
+    place in the batch."""
+    types = ["text", "bytea", "text", "float8", "float8", "text", "text", "float8"]
+    arrays = [f"{p}::{t}[]" for p, t in zip(params, types, strict=False)]
     columns = "id, body, key, published_at, visible_at, type, destination"
+    if len(params) == len(types):
+        columns += ", dedupe"
     if cause is not None:
         arrays.append(f"{cause}::bigint[]")
         columns += ", cause"
@@ -186,16 +236,26 @@ class Statements:
         self.schema = s
         self.channel = channel_of(namespace)
         channel = "'" + self.channel + "'"
+        self.added = [_ADDED.format(s=s)]
         self.create = [
             f"CREATE SCHEMA IF NOT EXISTS {s}",
             _TABLES.format(s=s),
             _TRIGGERS.format(s=s, channel=channel),
+            *self.added,
             f"INSERT INTO {s}.meta (version) VALUES ({SCHEMA_VERSION})",
         ]
         self.version = f"SELECT max(version) FROM {s}.meta"
         self.notify = _NOTIFY.format(channel=channel)
         self.publish = (
             f"WITH woken AS ({self.fan_out(_messages(_Numbers().take(7)))}),\n{self.notify}\n"
+            "SELECT array_agg(sub) FROM notified"
+        )
+        # A batch with some message with ``dedupe``: the eight arrays, then now.
+        params = _Numbers()
+        rows = f"rows AS MATERIALIZED (SELECT * FROM {_messages(params.take(8))})"
+        self.publish_deduped = (
+            f"WITH {rows},\n{self.dedupe('rows', params.take(1)[0])},\n"
+            f"woken AS ({self.fan_out('kept AS m')}),\n{self.notify}\n"
             "SELECT array_agg(sub) FROM notified"
         )
         self._settle: dict[SettleShape, str] = {}
@@ -288,6 +348,10 @@ FROM {s}.dead_letters AS dl JOIN {s}.subscriptions AS s ON s.id = dl.sub"""
         self.purge_all = f"DELETE FROM {s}.dead_letters"
         self.purge = f"DELETE FROM {s}.dead_letters WHERE sub = $1"
 
+    def dedupe(self, rows: str, now: str) -> str:
+        """The CTEs that keep, of the message rows ``rows``, those to store (as ``kept``)."""
+        return _DEDUPE.format(s=self.schema, rows=rows, now=f"{now}::float8")
+
     def fan_out(self, source: str, match: str = _EVERY_GROUP) -> str:
         """Insert the messages of ``source`` (rows ``m``) into their subscriptions."""
         return _FAN_OUT.format(s=self.schema, source=source, match=match)
@@ -302,8 +366,8 @@ FROM {s}.dead_letters AS dl JOIN {s}.subscriptions AS s ON s.id = dl.sub"""
     def _build_settle(self, shape: SettleShape) -> str:
         """Parameters, numbered in this order, each part only if the shape has it: deleted
         (acks and dead letters) seq[] and claims[]; dead letters seq[] and failure arrays;
-        emitted cause seq[] and message arrays; retries seq[], claims[], due[], failed at[];
-        releases seq[], claims[] and now."""
+        emitted cause seq[] and message arrays (with dedupe[] and now if the shape is deduped);
+        retries seq[], claims[], due[], failed at[]; releases seq[], claims[] and now."""
         s = self.schema
         numbers = _Numbers()
         parts: list[str] = []
@@ -324,7 +388,15 @@ FROM {s}.dead_letters AS dl JOIN {s}.subscriptions AS s ON s.id = dl.sub"""
             parts.append("gone AS (SELECT NULL::bigint AS seq WHERE false)")
         if shape.dead:
             parts.append(self._dead_part(numbers.take(5)))
-        if shape.emitted:
+        if shape.emitted and shape.deduped:
+            # only the emitted messages of acks that still hold their lease are de-duplicated
+            cause, *fields, now = numbers.take(10)
+            source = f"{_messages(fields, cause)} JOIN gone AS g ON g.seq = m.cause"
+            parts.append(f"em AS MATERIALIZED (SELECT m.* FROM {source})")
+            parts.append(self.dedupe("em", now))
+            parts.append(f"emitted AS ({self.fan_out('kept AS m')})")
+            woken.append("SELECT sub FROM emitted")
+        elif shape.emitted:
             cause, *fields = numbers.take(8)
             source = f"{_messages(fields, cause)} JOIN gone AS g ON g.seq = m.cause"
             parts.append(f"emitted AS ({self.fan_out(source)})")
@@ -402,6 +474,7 @@ class SettleShape(NamedTuple):
     emitted: bool
     retry: bool
     release: bool
+    deduped: bool = False  # some emitted message has ``dedupe``
 
 
 class _Numbers:

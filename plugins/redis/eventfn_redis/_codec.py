@@ -61,7 +61,7 @@ def milliseconds(seconds: float) -> int:
 
 
 def message_args(message: OutgoingMessage, now: float) -> list[Arg]:
-    """The 7 fields of one message in the publish and settle scripts (``publish_at``)."""
+    """The 8 fields of one message in the publish and settle scripts (``publish_at``)."""
     return [
         message.destination,
         message.id,
@@ -70,6 +70,7 @@ def message_args(message: OutgoingMessage, now: float) -> list[Arg]:
         "" if message.key is None else "=" + message.key,
         repr(message.published_at or now),
         milliseconds(message.delay),
+        milliseconds(message.dedupe),
     ]
 
 

@@ -116,11 +116,33 @@ local function unknown_destination(first, count)
   return nil
 end
 
--- Publishes the message at ARGV[i .. i + 6] (destination, id, type, body, key, published_at,
--- delay in ms) to every subscription its destination has now; returns the index after it.
--- A key is sent as '' for none and as '=' .. key otherwise, so that '' stays a valid key.
+-- A message with dedupe (a window in ms) is stored only if its id was not stored to its
+-- destination with dedupe within the window: the key 'dd:' holds when it was (server time, in
+-- ms) and expires at the end of that message's own window, so that records clean themselves
+-- up. The check, the record and the message are written by one script: atomically.
+local function first_of_window(dest, id, window, now)
+  local key = P .. 'dd:' .. #dest .. ':' .. dest .. ':' .. id
+  local stored = redis.call('GET', key)
+  if stored and tonumber(stored) > now - window then
+    return false
+  end
+  redis.call('SET', key, now, 'PX', window)
+  return true
+end
+
+-- Arguments per message of publish_at.
+local MESSAGE_FIELDS = 8
+
+-- Publishes the message at ARGV[i .. i + 7] (destination, id, type, body, key, published_at,
+-- delay in ms, dedupe in ms) to every subscription its destination has now, unless dedupe
+-- drops it; returns the index after it. A key is sent as '' for none and as '=' .. key
+-- otherwise, so that '' stays a valid key.
 local function publish_at(i, now)
   local dest, mtype, key, delay = ARGV[i], ARGV[i + 2], ARGV[i + 4], tonumber(ARGV[i + 6])
+  local window = tonumber(ARGV[i + 7])
+  if window > 0 and not first_of_window(dest, ARGV[i + 1], window, now) then
+    return i + MESSAGE_FIELDS
+  end
   local fields = {'m', ARGV[i + 1], 'b', ARGV[i + 3], 'p', ARGV[i + 5]}
   if key == '' then
     key = nil
@@ -137,7 +159,7 @@ local function publish_at(i, now)
       enqueue(target[1], target[2], fields, key, due, now)
     end
   end
-  return i + 7
+  return i + MESSAGE_FIELDS
 end
 
 -- Subscription facts a settle or extend needs, read once per script run.

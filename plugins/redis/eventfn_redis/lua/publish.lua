@@ -1,5 +1,5 @@
 -- publish: a batch of messages, each to every subscription its destination has now.
--- ARGV: number of destinations, those destinations, then 7 fields per message (publish_at).
+-- ARGV: number of destinations, those destinations, then 8 fields per message (publish_at).
 -- Every destination is checked before anything is written. Reply: how many copies.
 local missing = unknown_destination(2, tonumber(ARGV[1]))
 if missing then

@@ -1,7 +1,7 @@
 -- settle: a batch of settlements, each fenced by its receipt token.
 -- ARGV: consumer, number of emitted destinations, those destinations, then:
 --   'a', sid, n, then n tokens              acks that emit nothing, of one subscription
---   'e', sid, token, number emitted, then 7 fields per emitted message (see publish_at)
+--   'e', sid, token, number emitted, then 8 fields per emitted message (see publish_at)
 --   'r', sid, token, delay (ms), failed_at
 --   'd', sid, token, error type, error message, traceback, failed_at
 --   'l', sid, token
@@ -90,7 +90,7 @@ local function settle_one(op, sub, token, i)
   end
   if op == 'a' or op == 'e' then
     if op == 'e' then
-      local j, after = i + 1, i + 1 + 7 * tonumber(ARGV[i])
+      local j, after = i + 1, i + 1 + MESSAGE_FIELDS * tonumber(ARGV[i])
       while j < after do
         j = publish_at(j, now)
       end
@@ -126,7 +126,7 @@ local function settle_at(i)
     end
     return last + 1, settled
   end
-  local after = i + 3 + (EXTRA[op] or 1 + 7 * tonumber(ARGV[i + 3]))
+  local after = i + 3 + (EXTRA[op] or 1 + MESSAGE_FIELDS * tonumber(ARGV[i + 3]))
   return after, settle_one(op, sub, ARGV[i + 2], i + 3)
 end
 
