@@ -28,8 +28,11 @@ from eventfn.exceptions import (
 )
 from eventfn.options import HandlerOptions
 from eventfn.retry import Retry
+from eventfn.router import Router
 from eventfn.runtime.breaker import CircuitBreaker
 from eventfn.runtime.runner import Runner, Summary
+from eventfn.sources.schedule import Tick
+from eventfn.sources.upload import ObjectNotLocal, Upload
 
 __version__ = "0.1.0"
 
@@ -52,14 +55,18 @@ __all__ = [
     "EventfnError",
     "HandlerOptions",
     "InvalidDestination",
+    "ObjectNotLocal",
     "PayloadTooLarge",
     "PublishError",
     "RegistrationError",
     "Retry",
+    "Router",
     "Runner",
     "SubscriptionRef",
     "Summary",
+    "Tick",
     "UnknownBrokerError",
     "UnknownDestination",
+    "Upload",
     "event_type",
 ]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar, Unpack
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
 import anyio
 import msgspec
@@ -26,17 +29,27 @@ from eventfn.events import (
 from eventfn.exceptions import ConfigurationError, RegistrationError
 from eventfn.options import HandlerOptions, resolve
 from eventfn.retry import Retry
+from eventfn.sources.bucketset import Buckets
+from eventfn.sources.records import UploadEvent
+from eventfn.sources.records import destination as upload_destination
+from eventfn.sources.schedule import Schedule
+from eventfn.sources.upload import UploadFilter
 from eventfn.subscriptions import (
     KeyFunc,
     Subscription,
     Trigger,
+    UploadSpec,
     check_name,
     handler_name,
     key_func,
     make_ref,
 )
 
+if TYPE_CHECKING:
+    from eventfn.router import Router
+
 H = TypeVar("H", bound=Callable[..., Any])
+L = TypeVar("L", bound=Callable[["App"], AbstractAsyncContextManager[Any]])
 
 DEFAULT_PARTITIONS = 16
 
@@ -53,6 +66,9 @@ class App:
         broker: broker URL used when neither ``--broker`` nor ``EVENTFN_BROKER`` says otherwise.
         event_bus: the topic that carries the domain events of ``on_event`` and ``emit``.
         max_payload: the largest encoded envelope accepted by ``publish``, in bytes.
+        buckets: the directory that holds the app's local buckets (one sub-directory each),
+            when neither ``--buckets`` nor ``EVENTFN_BUCKETS`` says otherwise; default
+            ``./buckets``.
         **defaults: handler options (``retry``, ``timeout``, ``concurrency``, ``rate``,
             ``idempotent``, ...; see :class:`eventfn.options.HandlerOptions`) that every handler
             gets unless its decorator says otherwise.
@@ -65,6 +81,7 @@ class App:
         broker: str | None = None,
         event_bus: str = "events",
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        buckets: str | os.PathLike[str] | None = None,
         **defaults: Unpack[HandlerOptions],
     ) -> None:
         self.name = check_name(name, "app")
@@ -84,6 +101,11 @@ class App:
         self._broker: Broker | None = None
         self._owns_broker = False
         self._connect_lock = anyio.Lock()
+        self.buckets = Buckets(self, buckets)
+        self._lifespan: Lifespan | None = None
+        self._state: Any = _NO_STATE
+        self.schedules: dict[str, Schedule] = {}  # by subscription name
+        self.watched: dict[str, bool] = {}  # bucket -> whether deletions are wanted
 
     def __repr__(self) -> str:
         return f"App({self.name!r}, subscriptions={len(self.subscriptions)})"
@@ -190,6 +212,71 @@ class App:
             "event", self.event_bus, group, options, types=(event_type(event),), event=event
         )
 
+    def on_upload(
+        self,
+        bucket: str,
+        *,
+        match: str | Sequence[str] | None = None,
+        prefix: str | None = None,
+        suffix: str | None = None,
+        events: Sequence[UploadEvent] = ("created",),
+        group: str | None = None,
+        **options: Unpack[HandlerOptions],
+    ) -> Callable[[H], H]:
+        """Handle objects stored in a bucket, once each, after they are complete.
+
+        ``match`` is a shell pattern on the key (``*`` also crosses ``/``), or a list of them
+        (any may match); ``prefix`` and ``suffix`` narrow it further;
+        ``events=["created", "deleted"]`` adds deletions. The runner watches the local bucket
+        directory (``--buckets``); S3 and MinIO notifications published to the bucket's
+        destination (``bucket.<name>``) reach the same handlers.
+
+        >>> @app.on_upload(bucket="invoices", match="*.pdf")
+        ... async def extract(upload: eventfn.Upload) -> None: ...
+        """
+        where = f"on_upload(bucket={bucket!r})"
+        check_name(bucket, "bucket")
+        wanted = _upload_filter(events, match, prefix, suffix, where)
+        self.watched[bucket] = self.watched.get(bucket, False) or "deleted" in wanted.events
+        return self._decorator(
+            "upload",
+            upload_destination(bucket),
+            group,
+            options,
+            upload=(wanted, self.buckets.local),
+        )
+
+    def on_schedule(
+        self,
+        *,
+        cron: str | None = None,
+        every: float | timedelta | None = None,
+        tz: str | None = None,
+        missed: str = "skip",
+        name: str | None = None,
+        **options: Unpack[HandlerOptions],
+    ) -> Callable[[H], H]:
+        """Run a handler on a schedule: ``cron`` (in ``tz``, default UTC) or ``every`` seconds.
+
+        Each tick is a message whose id comes from the schedule's name and due time, so with
+        several runners it is handled once. ``missed`` says what a runner that starts after
+        ticks were due does: ``"skip"`` them, or run the ``"last"`` one.
+
+        >>> @app.on_schedule(cron="0 2 * * *", tz="Europe/Berlin", missed="last")
+        ... async def reconcile(tick: eventfn.Tick) -> None: ...
+        """
+
+        def register(fn: H) -> H:
+            chosen = name or fn.__name__.replace("_", "-")
+            where = f"handler {handler_name(fn)}"
+            check_name(chosen, "schedule")
+            spec = Schedule.parse(chosen, cron=cron, every=every, tz=tz, missed=missed, where=where)
+            self._decorator("schedule", f"schedule.{chosen}", None, options)(fn)
+            self.schedules[self.subscriptions[-1].ref.name] = spec
+            return fn
+
+        return register
+
     def _decorator(
         self,
         trigger: Trigger,
@@ -203,6 +290,7 @@ class App:
         event: type[Any] | None = None,
         batch: tuple[int, float] | None = None,
         skip_key_on_error: bool = False,
+        upload: UploadSpec | None = None,
     ) -> Callable[[H], H]:
         check_name(destination, "destination")
         if group is not None:
@@ -211,7 +299,7 @@ class App:
         def register(fn: H) -> H:
             where = f"handler {handler_name(fn)}"
             chosen = group
-            if trigger != "queue" and group is None:
+            if trigger not in ("queue", "schedule") and group is None:
                 chosen = fn.__name__.replace("_", "-")
             sub = Subscription(
                 trigger=trigger,
@@ -221,6 +309,7 @@ class App:
                 key=key,
                 batch=batch,
                 skip_key_on_error=skip_key_on_error,
+                upload=upload,
             )
             if event is not None and sub.data_type not in (None, event):
                 raise RegistrationError(
@@ -250,6 +339,70 @@ class App:
                     f"(handled by {other.name}), not a {sub.ref.kind}; use another name"
                 )
         self.subscriptions.append(sub)
+
+    # -- structure: routers and the lifespan ------------------------------------------------------
+
+    def include(self, router: Router, *, prefix: str = "") -> None:
+        """Register a router's handlers on this app; ``prefix`` goes before the names of its
+        queues, topics, streams and schedules (not event types or buckets).
+
+        >>> app.include(billing.router, prefix="billing.")
+        """
+        router.register(self, prefix)
+
+    def lifespan(
+        self, fn: Callable[[App], AbstractAsyncContextManager[Any]]
+    ) -> Callable[[App], AbstractAsyncContextManager[Any]]:
+        """Register the app's lifespan: an async context manager that opens resources once
+        per runner, before the first message, and closes them at shutdown. What it yields
+        is ``ctx.state`` in handlers (annotate ``ctx: eventfn.Context[Resources]``).
+
+        >>> @app.lifespan
+        ... @contextlib.asynccontextmanager
+        ... async def resources(app: eventfn.App) -> AsyncIterator[Resources]:
+        ...     async with httpx.AsyncClient() as http:
+        ...         yield Resources(http=http)
+        """
+        if self._lifespan is not None:
+            raise RegistrationError(
+                f"app {self.name!r} has a lifespan already ({_qualname(self._lifespan)}); "
+                "open every resource in one, or nest them with contextlib.AsyncExitStack"
+            )
+        if not callable(fn):
+            raise RegistrationError(
+                "@app.lifespan takes a function returning an async context manager"
+            )
+        self._lifespan = fn
+        return fn
+
+    @property
+    def state(self) -> Any:
+        """What the lifespan yielded, while a runner runs the app."""
+        if self._state is _NO_STATE:
+            raise ConfigurationError(
+                f"app {self.name!r} has no lifespan state here: it exists while a runner (or "
+                "eventfn.testing.TestRuntime) runs the app and the app has an @app.lifespan"
+            )
+        return self._state
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Enter the app's lifespan (if any) for the duration of a run."""
+        if self._lifespan is None:
+            yield
+            return
+        manager = self._lifespan(self)
+        if not hasattr(manager, "__aenter__"):
+            raise ConfigurationError(
+                f"lifespan {_qualname(self._lifespan)} returned {type(manager).__name__}, not "
+                "an async context manager; decorate it with @contextlib.asynccontextmanager"
+            )
+        async with manager as state:
+            self._state = state
+            try:
+                yield
+            finally:
+                self._state = _NO_STATE
 
     # -- broker -----------------------------------------------------------------------------
 
@@ -411,9 +564,12 @@ class App:
             await self.publish_many([message])
         return message.id
 
-    async def publish_many(self, messages: Iterable[OutgoingMessage]) -> None:
-        """Publish messages built with :meth:`message` in one batch."""
-        broker = self._broker or await self.connect()
+    async def publish_many(
+        self, messages: Iterable[OutgoingMessage], *, broker: Broker | None = None
+    ) -> None:
+        """Publish messages built with :meth:`message` in one batch (on ``broker`` if given,
+        else on the app's own connection)."""
+        broker = broker or self._broker or await self.connect()
         batch = list(messages)
         try:
             await broker.publish(batch)
@@ -444,6 +600,41 @@ def _time() -> float:
     import time
 
     return time.time()
+
+
+_NO_STATE: Any = object()
+
+Lifespan = Callable[["App"], AbstractAsyncContextManager[Any]]
+
+
+def _qualname(fn: Any) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _upload_filter(
+    events: Sequence[UploadEvent],
+    match: str | Sequence[str] | None,
+    prefix: str | None,
+    suffix: str | None,
+    where: str,
+) -> UploadFilter:
+    if (
+        isinstance(events, str)
+        or not events
+        or any(e not in ("created", "deleted") for e in events)
+    ):
+        raise RegistrationError(
+            f"{where}: events={events!r}; give a list of 'created' and/or 'deleted'"
+        )
+    patterns = [match] if isinstance(match, str) else list(match or [])
+    if match is not None and (not patterns or not all(isinstance(p, str) and p for p in patterns)):
+        raise RegistrationError(
+            f"{where}: match= takes a pattern such as '*.pdf' or a list of them, not {match!r}"
+        )
+    for label, value in (("prefix", prefix), ("suffix", suffix)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise RegistrationError(f"{where}: {label}= takes a non-empty string, not {value!r}")
+    return UploadFilter(events=events, match=match, prefix=prefix, suffix=suffix)
 
 
 def _batch(size: int | None, wait: float, where: str) -> tuple[int, float] | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from eventfn.brokers.base import Delivery, OutgoingMessage
 from eventfn.events import Envelope
@@ -12,10 +12,12 @@ from eventfn.events import Envelope
 if TYPE_CHECKING:
     from eventfn.app import App
 
-_current: ContextVar[Context | None] = ContextVar("eventfn_context", default=None)
+_current: ContextVar[Context[Any] | None] = ContextVar("eventfn_context", default=None)
+
+S = TypeVar("S")
 
 
-class Context:
+class Context(Generic[S]):
     """What a handler knows about the message it is handling, and its way to emit events.
 
     Events emitted here (or with ``app.emit``/``app.publish`` while the handler runs) are
@@ -25,6 +27,9 @@ class Context:
         async def reserve(event: OrderAccepted, ctx: eventfn.Context) -> None:
             ctx.log.info("reserving for %s (attempt %d)", event.order_id, ctx.attempt)
             await ctx.emit(InventoryReserved(order_id=event.order_id))
+
+    Annotated ``eventfn.Context[Resources]``, its :attr:`state` is typed as what the app's
+    lifespan yields.
     """
 
     __slots__ = ("_app", "delivery", "emitted", "envelope", "subscription")
@@ -35,6 +40,11 @@ class Context:
         self.delivery = delivery
         self.envelope = envelope
         self.emitted: list[OutgoingMessage] = []
+
+    @property
+    def state(self) -> S:
+        """What the app's ``@app.lifespan`` yielded: resources opened once per runner."""
+        return self._app.state  # type: ignore[no-any-return]
 
     @property
     def attempt(self) -> int:
@@ -80,6 +90,6 @@ class Context:
         return await self._app.publish(destination, data, type=type, key=key, subject=subject)
 
 
-def current() -> Context | None:
+def current() -> Context[Any] | None:
     """The context of the handler running in this task, if any."""
     return _current.get()

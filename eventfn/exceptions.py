@@ -88,6 +88,12 @@ class Drop(Exception):
         self.reason = reason
 
 
+class Filtered(Drop):
+    """Raised while building a handler's arguments: the message is not for this handler (an
+    object event that its ``match``, ``prefix``, ``suffix`` or ``events`` leave out). It is
+    acked quietly and counted as dropped."""
+
+
 class Duplicate(Drop):
     """Raised by the idempotency middleware: this message's effect has already happened.
 

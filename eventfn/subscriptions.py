@@ -20,11 +20,14 @@ from eventfn.events import Envelope
 from eventfn.exceptions import DecodeError, InvalidDestination, RegistrationError
 from eventfn.options import Options
 from eventfn.retry import Retry
+from eventfn.sources.upload import Upload, UploadFilter, upload_step
 
-Trigger = Literal["queue", "topic", "stream", "event"]
+Trigger = Literal["queue", "topic", "stream", "event", "upload", "schedule"]
 Handler = Callable[..., Awaitable[Any]]
 KeyFunc = Callable[[Any], str | None]
-ArgBuilder = Callable[[Envelope, Context | None], list[Any]]
+ArgBuilder = Callable[[Envelope, Context[Any] | None], list[Any]]
+UploadSpec = tuple[UploadFilter, Callable[[str], Any]]
+"""What an ``Upload`` parameter needs: the handler's filter, and the local bucket by name."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
 
@@ -75,6 +78,7 @@ class Subscription:
         key: KeyFunc | None = None,
         batch: tuple[int, float] | None = None,
         skip_key_on_error: bool = False,
+        upload: UploadSpec | None = None,
     ) -> None:
         self.trigger = trigger
         self.ref = ref
@@ -98,7 +102,12 @@ class Subscription:
                     "make the batch's writes idempotent (e.g. upserts keyed by the event id)"
                 )
         else:
-            plan = _plan(handler, self.name)
+            plan = _plan(handler, self.name, upload)
+            if upload is not None and plan.data_type is not Upload:
+                raise RegistrationError(
+                    f"handler {self.name}: an on_upload handler takes an eventfn.Upload "
+                    "parameter, e.g. `async def extract(upload: eventfn.Upload) -> None`"
+                )
             self.batch_plan = None
             self.data_type = plan.data_type
             self.wants_context = plan.wants_context
@@ -135,13 +144,13 @@ class _Plan:
         self.build = build
 
 
-def _plan(fn: Handler, name: str) -> _Plan:
-    steps: list[Callable[[Envelope, Context | None], Any]] = []
+def _plan(fn: Handler, name: str, upload: UploadSpec | None = None) -> _Plan:
+    steps: list[Callable[[Envelope, Context[Any] | None], Any]] = []
     data_type: Any = None
     wants_context = False
     for param, hint in _signature(fn, name):
-        step, is_data = _step_for(hint, name, param)
-        if hint is Context:
+        step, is_data = _step_for(hint, name, param, upload)
+        if _is_context(hint):
             wants_context = True
         if is_data:
             if data_type is not None:
@@ -198,7 +207,7 @@ class BatchPlan:
     def item(self, envelope: Envelope) -> list[Any]:
         return [step(envelope, None) for step in self._item_steps]
 
-    def assemble(self, items: list[list[Any]], ctx: Context) -> list[Any]:
+    def assemble(self, items: list[list[Any]], ctx: Context[Any]) -> list[Any]:
         args: list[Any] = []
         column = 0
         for step in self._steps:
@@ -214,7 +223,7 @@ def _batch_plan(fn: Handler, name: str) -> BatchPlan:
     steps: list[Callable[[Envelope, Any], Any] | None] = []
     data_type: Any = None
     for param, hint in _signature(fn, name):
-        if hint is Context:
+        if _is_context(hint):
             steps.append(None)
             continue
         if typing.get_origin(hint) is not list or not typing.get_args(hint):
@@ -231,19 +240,28 @@ def _batch_plan(fn: Handler, name: str) -> BatchPlan:
     return BatchPlan(data_type, steps)
 
 
-def _no_single(envelope: Envelope, ctx: Context | None) -> list[Any]:
+def _no_single(envelope: Envelope, ctx: Context[Any] | None) -> list[Any]:
     raise TypeError("a batch handler is called with batches only")
 
 
-def _builder(steps: list[Callable[[Envelope, Context | None], Any]]) -> ArgBuilder:
+def _builder(steps: list[Callable[[Envelope, Context[Any] | None], Any]]) -> ArgBuilder:
     if len(steps) == 1:
         (only,) = steps
         return lambda envelope, ctx: [only(envelope, ctx)]
     return lambda envelope, ctx: [step(envelope, ctx) for step in steps]
 
 
-def _step_for(hint: Any, name: str, param: str) -> tuple[Callable[[Envelope, Any], Any], bool]:
-    if hint is Context:
+def _step_for(
+    hint: Any, name: str, param: str, upload: UploadSpec | None = None
+) -> tuple[Callable[[Envelope, Any], Any], bool]:
+    if hint is Upload:
+        if upload is None:
+            raise RegistrationError(
+                f"handler {name}: parameter {param!r} is an eventfn.Upload, which only an "
+                "on_upload handler receives; register it with @app.on_upload(bucket=...)"
+            )
+        return upload_step(*upload), True
+    if _is_context(hint):
         return (lambda envelope, ctx: ctx), False
     if hint is Envelope:
         return (lambda envelope, ctx: envelope), False
@@ -256,6 +274,11 @@ def _step_for(hint: Any, name: str, param: str) -> tuple[Callable[[Envelope, Any
         "supply; use a msgspec.Struct (or dict/list of JSON types), eventfn.Envelope, bytes "
         "or eventfn.Context"
     )
+
+
+def _is_context(hint: Any) -> bool:
+    """``Context``, or ``Context[State]`` with the type of the app's lifespan state."""
+    return hint is Context or typing.get_origin(hint) is Context
 
 
 def _decodable(hint: Any) -> bool:
@@ -298,7 +321,8 @@ def make_ref(
     partitions: int = 1,
 ) -> SubscriptionRef:
     """The broker-side description of a subscription."""
-    kind: Kind = "topic" if trigger == "event" else trigger
+    kinds: dict[str, Kind] = {"event": "topic", "upload": "topic", "schedule": "queue"}
+    kind: Kind = kinds.get(trigger, trigger)  # type: ignore[arg-type]
     check_name(destination, "destination")
     if kind == "queue":
         return SubscriptionRef(destination=destination, kind="queue")

@@ -103,3 +103,9 @@ async def broker(broker_url: str) -> AsyncIterator[Broker]:
     """A connected broker of each backend, private to the test."""
     async with from_url(broker_url) as connected:
         yield connected
+
+
+@pytest.fixture(autouse=True)
+def _buckets_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local buckets of every test live in its own temporary directory, never in the repo."""
+    monkeypatch.setenv("EVENTFN_BUCKETS", str(tmp_path / "buckets"))

@@ -33,7 +33,7 @@ class Invocation:
         delivery: Delivery,
         envelope: Envelope,
         args: list[Any],
-        context: Context,
+        context: Context[Any],
     ) -> None:
         self.subscription = subscription
         self.delivery = delivery

@@ -21,7 +21,7 @@ from eventfn.batch import BatchItemFailed, BatchResult
 from eventfn.brokers.base import Delivery, Failure, OutgoingMessage, Settlement
 from eventfn.context import Context
 from eventfn.events import Envelope, decode_envelope
-from eventfn.exceptions import DeadLetter, DecodeError, Drop, Duplicate
+from eventfn.exceptions import DeadLetter, DecodeError, Drop, Duplicate, Filtered
 from eventfn.middleware import (
     Call,
     Environment,
@@ -122,15 +122,17 @@ class Processor:
 
     async def _handle(
         self, delivery: Delivery, envelope: Envelope | None
-    ) -> tuple[Settlement, str, Context | None]:
+    ) -> tuple[Settlement, str, Context[Any] | None]:
         """Decode, invoke, classify: the settlement, its outcome label, and the context."""
         try:
             if envelope is None:
                 envelope = decode_envelope(delivery.body)
-            ctx = Context(self.app, self.name, delivery, envelope)
+            ctx: Context[Any] = Context(self.app, self.name, delivery, envelope)
             args = self.subscription.build_args(envelope, ctx)
         except DecodeError as exc:
             return self._dead(delivery, exc, poison=True), "dead", None
+        except Filtered as exc:
+            return self._drop(delivery, exc), "drop", ctx
         token = _context._current.set(ctx)
         try:
             await self.call(Invocation(self.subscription, delivery, envelope, args, ctx))
@@ -268,7 +270,7 @@ class Processor:
         if not good:
             return settlements
         first, envelope, _ = good[0]
-        ctx = Context(self.app, self.name, first, envelope)
+        ctx: Context[Any] = Context(self.app, self.name, first, envelope)
         args = plan.assemble([values for _, _, values in good], ctx)
         token = _context._current.set(ctx)
         try:
@@ -286,7 +288,7 @@ class Processor:
         return settlements + self._batch_outcome(good, result, ctx)
 
     def _batch_outcome(
-        self, good: list[tuple[Delivery, Envelope, list[Any]]], result: Any, ctx: Context
+        self, good: list[tuple[Delivery, Envelope, list[Any]]], result: Any, ctx: Context[Any]
     ) -> list[Settlement]:
         failed: set[int] = set()
         reason = ""
@@ -369,7 +371,8 @@ class Processor:
             log.info("duplicate %s id=%s: %s", self.name, delivery.id, exc.reason)
             return Settlement(delivery=delivery, outcome="ack", emitted=exc.emitted)
         self.counters.dropped += 1
-        log.info("dropped %s id=%s: %s", self.name, delivery.id, exc.reason)
+        level = logging.DEBUG if isinstance(exc, Filtered) else logging.INFO
+        log.log(level, "dropped %s id=%s: %s", self.name, delivery.id, exc.reason)
         return Settlement(delivery=delivery, outcome="ack")
 
     def release(self, delivery: Delivery) -> Settlement:

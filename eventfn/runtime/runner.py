@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, contextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -185,7 +186,8 @@ class Runner:
         return self.summary()
 
     async def _open(self, resources: AsyncExitStack) -> None:
-        """Open what the middleware needs, then build every subscription's chain."""
+        """Enter the app's lifespan, open what the middleware needs, build every chain."""
+        await resources.enter_async_context(self.app.running())
         if any(c.subscription.options.idempotent for c in self._consumers):
             from eventfn.idempotency import open_store
 
@@ -200,6 +202,10 @@ class Runner:
 
     async def _run(self) -> None:
         async with anyio.create_task_group() as outer:
+            if self.app.watched or self.app.schedules:
+                from eventfn.runtime.sources import run_sources
+
+                await outer.start(partial(run_sources, self.app, self.broker, burst=self.burst))
             outer.start_soon(self._settler.run)
             outer.start_soon(self._keep_leases)
             if self._metered:
