@@ -26,6 +26,19 @@ $(COLLECTOR_STAMP):
 	$(COLLECTOR_VENV)/bin/pip install --quiet "ddapm-test-agent==1.69.1"
 	touch $(COLLECTOR_STAMP)
 
+# The official AsyncAPI 3.0.0 JSON Schema for tests/test_asyncapi.py: the one file taken from the
+# npm registry's tarball of @asyncapi/specs at a pinned version (a new pin fetches it again).
+ASYNCAPI_SPECS := 6.11.1
+ASYNCAPI_DIR := tests/.asyncapi
+ASYNCAPI_STAMP := $(ASYNCAPI_DIR)/.specs-$(ASYNCAPI_SPECS)
+ASYNCAPI_TGZ := $(ASYNCAPI_DIR)/asyncapi-specs-$(ASYNCAPI_SPECS).tgz
+$(ASYNCAPI_STAMP):
+	rm -rf $(ASYNCAPI_DIR) && mkdir -p $(ASYNCAPI_DIR)
+	npm pack --silent --pack-destination $(ASYNCAPI_DIR) @asyncapi/specs@$(ASYNCAPI_SPECS) >/dev/null
+	tar -xzf $(ASYNCAPI_TGZ) -C $(ASYNCAPI_DIR) --strip-components=2 package/schemas/3.0.0.json
+	rm $(ASYNCAPI_TGZ)
+	touch $(ASYNCAPI_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -38,7 +51,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy eventfn $(patsubst %/__init__.py,%,$(foreach p,$(PLUGINS),$(wildcard $(dir $(p))eventfn_*/__init__.py)))
 
-unit: $(STAMP) $(COLLECTOR_STAMP)
+unit: $(STAMP) $(COLLECTOR_STAMP) $(ASYNCAPI_STAMP)
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
@@ -53,4 +66,4 @@ bench-big: $(STAMP)
 	$(BIN)/python benchmarks/burst.py --big --write
 
 clean:
-	rm -rf $(VENV) $(COLLECTOR_VENV) .pytest_cache .mypy_cache .ruff_cache demo-data
+	rm -rf $(VENV) $(COLLECTOR_VENV) $(ASYNCAPI_DIR) .pytest_cache .mypy_cache .ruff_cache demo-data

@@ -1,4 +1,4 @@
-"""The ``eventfn`` command: run | publish | inspect | status | graph | dlq.
+"""The ``eventfn`` command: run | publish | upload | inspect | status | graph | asyncapi | dlq.
 
 ``APP`` is ``module:attribute`` (``shop:app``; ``:app`` may be left out) or ``path/to/file.py``;
 the current directory is importable, as with uvicorn.
@@ -22,12 +22,19 @@ import anyio
 import msgspec
 
 from eventfn import telemetry
+from eventfn._asyncapi import add_parser as add_asyncapi_parser
+from eventfn._asyncapi import run as run_asyncapi
 from eventfn._cli_dlq import add_dlq_parser, run_dlq
 from eventfn._cli_observe import add_parsers, run_graph, run_status
+from eventfn._cli_upload import add_parser as add_upload_parser
+from eventfn._cli_upload import run_upload
 from eventfn.app import App
 from eventfn.brokers import Broker, OutgoingMessage, from_url, installed_schemes, redact_url
 from eventfn.exceptions import ConfigurationError, EventfnError
+from eventfn.runtime import logs
+from eventfn.runtime.health import runner_health
 from eventfn.runtime.runner import Runner, format_summary
+from eventfn.runtime.supervisor import add_run_arguments, supervise_if_asked
 
 log = logging.getLogger("eventfn.cli")
 
@@ -71,7 +78,10 @@ def _broker_url(args: argparse.Namespace, app: App | None = None) -> str:
 # -- run ----------------------------------------------------------------------------------------
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    supervised = await supervise_if_asked(args, argv)
+    if supervised is not None:
+        return supervised
     app = load_app(args.app)
     url = _broker_url(args, app)
     broker = from_url(url)
@@ -83,6 +93,8 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 async def _run_on(args: argparse.Namespace, app: App, broker: Broker) -> int:
+    if args.buckets:
+        app.buckets.root = args.buckets
     await broker.connect()
     try:
         await app.connect(broker)
@@ -103,8 +115,10 @@ async def _run_on(args: argparse.Namespace, app: App, broker: Broker) -> int:
             args.concurrency,
             ", burst" if args.burst else "",
         )
-        async with anyio.create_task_group() as tg:
+        async with runner_health(args.health, runner) as health, anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, runner, tg.cancel_scope)
+            if health is not None:
+                tg.start_soon(health.serve)
             summary = await runner.run()
             tg.cancel_scope.cancel()
         print(format_summary(summary), flush=True)
@@ -240,6 +254,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--grace", type=float, default=30.0, help="shutdown grace seconds")
     run.add_argument("--burst", action="store_true", help="exit once everything is handled")
     run.add_argument("--otel", **otel)
+    run.add_argument(
+        "--buckets",
+        help="directory of the local buckets (default: $EVENTFN_BUCKETS, else the "
+        "app's, else ./buckets)",
+    )
+    add_run_arguments(run)
 
     pub = commands.add_parser("publish", help="publish JSON documents to a destination")
     pub.add_argument("destination")
@@ -259,6 +279,8 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="one JSON object per subscription")
 
     add_parsers(commands, broker_help)
+    add_upload_parser(commands, broker_help)
+    add_asyncapi_parser(commands, broker_help)
     add_dlq_parser(commands, "broker URL (default: $EVENTFN_BROKER, else sqlite:///eventfn.db)")
     return parser
 
@@ -270,25 +292,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _configure_logging(level: str, traced: bool) -> None:
-    ids = ""
-    if traced:  # log lines carry the ids of the span they were written in
-        telemetry.correlate_logs()
-        ids = " [trace_id=%(otelTraceID)s span_id=%(otelSpanID)s]"
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format=f"%(asctime)s %(levelname)-7s %(name)s{ids}: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``eventfn`` command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    _configure_logging(args.log_level, telemetry.wanted(getattr(args, "otel", "none")))
+    traced = telemetry.wanted(getattr(args, "otel", "none"))
+    logs.configure(args.log_level, getattr(args, "log_format", "text"), traced)
     try:
         if args.command == "run":
-            return anyio.run(_run, args)
+            return anyio.run(_run, args, sys.argv[1:] if argv is None else list(argv))
         if args.command == "publish":
             return anyio.run(_publish, args)
         if args.command == "dlq":
@@ -296,6 +307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             app = load_app(args.app)
             return anyio.run(run_status, args, app, _broker_url(args, app))
+        if args.command == "asyncapi":
+            return run_asyncapi(args)
+        if args.command == "upload":
+            return anyio.run(run_upload, args, _broker_url(args))
         if args.command == "graph":
             return run_graph(args, load_app(args.app))
         return _inspect(args)
