@@ -101,6 +101,29 @@ def telemetry_section(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def uploads_section(doc: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Upload burst (`benchmarks/upload_burst.py`)",
+        "",
+        f"Measured {doc['when']} on the same machine. A runner (SQLite broker, one `on_upload` "
+        "handler, watcher settle time 1 s) watches an empty bucket; a separate process writes N "
+        "small files straight into the directory. Time runs from the writer's start to the last "
+        "handled event (the writer's own time included); every run checks N keys handled, none "
+        "twice. CPU is the runner process's (watcher, publishing and handling).",
+        "",
+        "| N | handled after (s) | writer took (s) | events/s | runner CPU µs/event | runs |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in doc["cases"]:
+        spread = f"({c['throughput_min']:,.0f}-{c['throughput_max']:,.0f})"
+        lines.append(
+            f"| {c['n']:,} | {c['elapsed']:.2f} | {c['written']:.2f} "
+            f"| {c['throughput']:,.0f} {spread} | {c['cpu_us_per_event']:.0f} | {c['runs']} |"
+        )
+    lines += ["", "Reproduce: `python benchmarks/upload_burst.py --write`.", ""]
+    return lines
+
+
 def main() -> None:
     out = ["# Benchmark results", ""]
     if TARGETS.exists():
@@ -114,6 +137,9 @@ def main() -> None:
     telemetry = RESULTS / "telemetry.json"
     if telemetry.exists():
         out += telemetry_section(json.loads(telemetry.read_text()))
+    uploads = RESULTS / "uploads.json"
+    if uploads.exists():
+        out += uploads_section(json.loads(uploads.read_text()))
     (HERE / "RESULTS.md").write_text("\n".join(out))
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic
+
+from typing_extensions import TypeVar
 
 from eventfn.brokers.base import Delivery, OutgoingMessage
 from eventfn.events import Envelope
@@ -14,7 +16,8 @@ if TYPE_CHECKING:
 
 _current: ContextVar[Context[Any] | None] = ContextVar("eventfn_context", default=None)
 
-S = TypeVar("S")
+S = TypeVar("S", default=Any)
+"""The lifespan state's type; a bare ``eventfn.Context`` means ``Context[Any]``."""
 
 
 class Context(Generic[S]):

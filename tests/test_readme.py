@@ -53,3 +53,19 @@ def test_first_handler_module_runs_as_the_readme_says(tmp_path: Path) -> None:
     assert "handled 5, retried 0, dead-lettered 1" in run.stdout
     assert "reserving stock for o1" in run.stderr
     assert "handled events/notify-warehouse" in run.stderr
+
+
+def test_the_readmes_testing_example_passes_under_pytest(tmp_path: Path) -> None:
+    (tmp_path / "test_shop.py").write_text(readme_block("# test_shop.py"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    options = ["-o", "asyncio_mode=auto", "-o", "asyncio_default_fixture_loop_scope=function"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_shop.py", *options],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 passed" in done.stdout

@@ -96,6 +96,8 @@ def configure(level: str, fmt: Format = "text", traced: bool = False) -> None:
     else:
         handler.setFormatter(text_formatter(traced, worker))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+    if level.lower() != "debug":  # watchfiles says "N changes detected" at INFO for every batch
+        logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
 __all__ = ["FORMATS", "WORKER_ENV", "Format", "JsonFormatter", "configure", "text_formatter"]

@@ -102,6 +102,8 @@ class Runner:
         grace: seconds in-flight handlers get to finish at shutdown before they are cancelled.
         burst: stop once nothing is waiting (delayed retries included) and report.
         poll: longest wait of one fetch for new messages.
+        sources: start the app's bucket watchers and schedulers (``False``: the caller runs
+            them, as ``eventfn.testing.TestRuntime`` does on its virtual clock).
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class Runner:
         poll: float = 0.5,
         fetch_max: int = 256,
         middleware: Sequence[Middleware] = DEFAULT_MIDDLEWARE,
+        sources: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -130,6 +133,7 @@ class Runner:
         self.burst = burst
         self.poll = poll
         self.fetch_max = fetch_max
+        self.sources = sources
         self._consumers = [
             _Consumer(
                 sub,
@@ -202,7 +206,7 @@ class Runner:
 
     async def _run(self) -> None:
         async with anyio.create_task_group() as outer:
-            if self.app.watched or self.app.schedules:
+            if self.sources and (self.app.watched or self.app.schedules):
                 from eventfn.runtime.sources import run_sources
 
                 await outer.start(partial(run_sources, self.app, self.broker, burst=self.burst))

@@ -7,7 +7,7 @@ dead letters, idempotency and traces from the one delivery path (``DESIGN.md`` s
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 import anyio
@@ -28,17 +28,21 @@ async def run_sources(
     broker: Broker,
     *,
     burst: bool = False,
+    watch: bool = True,
+    sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Start the app's sources; ready once every bucket was scanned for what arrived meanwhile.
 
     In burst mode the buckets are scanned once (their backlog is published, then drained) and
     schedules do not run: a burst handles what is there, it does not wait for time to pass.
+    ``watch=False`` leaves the buckets alone; schedulers wait with ``sleep`` (a test passes a
+    virtual one, with the broker's clock).
     """
     from eventfn.sources.watch import BucketWatcher
 
     async with anyio.create_task_group() as tasks:
-        for bucket, deletions in app.watched.items():
+        for bucket, deletions in app.watched.items() if watch else ():
             watcher = BucketWatcher(
                 app.buckets.store(bucket),
                 partial(publish_uploads, app, broker, bucket),
@@ -54,7 +58,7 @@ async def run_sources(
                     spec,
                     partial(publish_tick, app, broker, spec),
                     clock=broker.clock,
-                    sleep=anyio.sleep,
+                    sleep=sleep,
                 )
                 await tasks.start(scheduler.run)
         task_status.started()
