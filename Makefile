@@ -67,3 +67,15 @@ bench-big: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(COLLECTOR_VENV) $(ASYNCAPI_DIR) .pytest_cache .mypy_cache .ruff_cache demo-data
+
+# Peer frameworks (FastStream) for benchmarks/peers/: a venv of their own, never the core's deps.
+BENCH_VENV := .venv-bench
+.PHONY: bench-deps bench-peers
+bench-deps:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet -e . -e plugins/redis -e plugins/nats \
+		-r benchmarks/peers/requirements.txt
+
+bench-peers: bench-deps
+	$(BENCH_VENV)/bin/python benchmarks/peers/faststream_bench.py --runs 3 --write

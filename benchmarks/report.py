@@ -124,6 +124,38 @@ def uploads_section(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def peers_section(cases: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## eventfn beside FastStream and raw client loops (`benchmarks/peers/`)",
+        "",
+        "N no-op messages pre-published to Redis Streams or NATS JetStream; one consumer process "
+        "(concurrency 64 where the tool has a knob) drains them; median of the runs, min-max in "
+        "brackets. Every case checks all N unique ids handled. FastStream per message uses its "
+        "documented `max_workers=64`; `batch=True` is its high-throughput mode (the handler gets "
+        "a list, `max_workers` does not apply), shown for completeness. The raw loops are "
+        "redis-py `XREADGROUP`/`XACK` and a nats-py pull consumer acking each message: the "
+        "practical limit of Python on that broker. CPU and peak RSS are the consumer process's.",
+        "",
+        "| broker | tool | N | msg/s | CPU µs/msg | peak RSS MB | eventfn / this |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    ours = {c["broker"]: c["throughput"] for c in cases if c["tool"] == "eventfn"}
+    for c in cases:
+        spread = f"({c['throughput_min']:,.0f}-{c['throughput_max']:,.0f})"
+        ratio = ours.get(c["broker"], float("nan")) / c["throughput"]
+        lines.append(
+            f"| {c['broker']} | {c['tool']} | {c['n']:,} | {c['throughput']:,.0f} {spread} "
+            f"| {c['cpu_us_per_message']:.1f} | {c['peak_rss_mb']:.1f} | {ratio:.2f}x |"
+        )
+    lines += [
+        "",
+        "Reproduce: `make bench-deps && .venv-bench/bin/python benchmarks/peers/faststream_bench.py"
+        " --runs 3 --write`.",
+        "",
+    ]
+    return lines
+
+
 def main() -> None:
     out = ["# Benchmark results", ""]
     if TARGETS.exists():
@@ -140,6 +172,9 @@ def main() -> None:
     uploads = RESULTS / "uploads.json"
     if uploads.exists():
         out += uploads_section(json.loads(uploads.read_text()))
+    peers = RESULTS / "peers.json"
+    if peers.exists():
+        out += peers_section(json.loads(peers.read_text()))
     (HERE / "RESULTS.md").write_text("\n".join(out))
 
 
