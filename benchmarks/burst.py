@@ -124,7 +124,7 @@ async def drain(url: str, count: int, kind: str, concurrency: int) -> dict[str, 
         "p50_ms": latency.quantile(0.50) * 1e3,
         "p99_ms": latency.quantile(0.99) * 1e3,
         "max_ms": latency.max * 1e3,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -139,6 +139,19 @@ URLS = {
 async def drop(url: str) -> None:
     async with from_url(url) as broker:
         await broker.drop()
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS. Linux starts a child's ru_maxrss at its parent's peak (it
+    survives fork and exec), so read VmHWM where /proc has it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_case(broker: str, count: int, kind: str, concurrency: int) -> dict[str, Any]:

@@ -69,6 +69,8 @@ class App:
         buckets: the directory that holds the app's local buckets (one sub-directory each),
             when neither ``--buckets`` nor ``EVENTFN_BUCKETS`` says otherwise; default
             ``./buckets``.
+        max_object_size: the largest object ``Upload.read()`` loads into memory, in bytes
+            (default 64 MiB); a larger one is refused with an error that points to ``open()``.
         **defaults: handler options (``retry``, ``timeout``, ``concurrency``, ``rate``,
             ``idempotent``, ...; see :class:`eventfn.options.HandlerOptions`) that every handler
             gets unless its decorator says otherwise.
@@ -82,6 +84,7 @@ class App:
         event_bus: str = "events",
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         buckets: str | os.PathLike[str] | None = None,
+        max_object_size: int = 64 << 20,
         **defaults: Unpack[HandlerOptions],
     ) -> None:
         self.name = check_name(name, "app")
@@ -101,7 +104,7 @@ class App:
         self._broker: Broker | None = None
         self._owns_broker = False
         self._connect_lock = anyio.Lock()
-        self.buckets = Buckets(self, buckets)
+        self.buckets = Buckets(self, buckets, max_object_size=max_object_size)
         self._lifespan: Lifespan | None = None
         self._state: Any = _NO_STATE
         self.schedules: dict[str, Schedule] = {}  # by subscription name

@@ -124,3 +124,16 @@ async def test_two_runners_watching_one_bucket_publish_each_object_once(
         tasks.start_soon(feed)
         await running(app, url, seen, until=300, runners=2)
     assert len(seen.counts) == 300 and set(seen.counts.values()) == {1}
+
+
+async def test_an_object_over_the_apps_size_limit_is_reported_not_loaded(tmp_path: Path) -> None:
+    from eventfn.sources.buckets import ObjectTooLarge
+
+    app = eventfn.App("docs", buckets=tmp_path / "b", max_object_size=1024)
+    record = await app.buckets.store("scans").put("big.pdf", b"x" * 4096)
+    assert record.size == 4096
+    upload = eventfn.Upload(record, app.buckets.store("scans"))
+    with pytest.raises(ObjectTooLarge, match="1024"):
+        await upload.read()
+    with upload.open() as stream:  # streaming it works
+        assert len(stream.read()) == 4096

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from eventfn.sources.buckets import DirectoryBucket
 
 DEFAULT_ROOT = "buckets"
+DEFAULT_MAX_OBJECT = 64 << 20
+"""Default limit on what ``Upload.read()`` loads into memory; larger objects are streamed."""
 
 
 class Buckets:
@@ -23,8 +25,15 @@ class Buckets:
     ``App(buckets=...)``, else ``./buckets`` (the same order as the broker URL's).
     """
 
-    def __init__(self, app: App, default: str | os.PathLike[str] | None) -> None:
+    def __init__(
+        self,
+        app: App,
+        default: str | os.PathLike[str] | None,
+        *,
+        max_object_size: int = DEFAULT_MAX_OBJECT,
+    ) -> None:
         self._app = app
+        self.max_object_size = max_object_size
         self._default = Path(default) if default is not None else None
         self._chosen: Path | None = None
         self._open: dict[str, DirectoryBucket] = {}
@@ -52,7 +61,8 @@ class Buckets:
         found = self._open.get(name)
         if found is None:
             check_name(name, "bucket")
-            found = self._open[name] = DirectoryBucket(name, self.root)
+            found = DirectoryBucket(name, self.root, max_size=self.max_object_size)
+            self._open[name] = found
         return found
 
     def local(self, name: str) -> DirectoryBucket | None:
