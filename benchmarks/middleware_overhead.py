@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import anyio  # noqa: E402
 import msgspec  # noqa: E402
 
 import eventfn  # noqa: E402
+from benchmarks import _fresh as fresh  # noqa: E402
 from eventfn.brokers import from_url  # noqa: E402
 
 
@@ -79,21 +78,7 @@ async def drain(url: str, count: int, case: str) -> dict[str, Any]:
 
 
 def run_case(count: int, case: str) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="eventfn-overhead-") as tmp:
-        url = f"sqlite:///{tmp}/burst.db"
-        me = [sys.executable, str(Path(__file__).resolve())]
-        subprocess.run([*me, "_publish", url, str(count)], check=True, cwd=tmp)
-        out = subprocess.run(
-            [*me, "_drain", url, str(count), case],
-            check=True,
-            capture_output=True,
-            text=True,
-            cwd=tmp,
-        ).stdout
-    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    if result["missing"]:
-        raise SystemExit(f"{case}: {result['missing']} events were not handled")
-    return result
+    return fresh.run_case(str(Path(__file__).resolve()), count, case)
 
 
 def main() -> None:
