@@ -70,11 +70,13 @@ class Emits(msgspec.Struct, frozen=True):
 
 
 class Rate(msgspec.Struct, frozen=True):
-    """A parsed ``rate=``: ``per_second`` handler starts a second, evenly spaced."""
+    """A parsed ``rate=``: ``per_second`` handler starts a second, evenly spaced, and never more
+    than the rate's count in any window of its ``period`` (seconds: 1, 60 or 3600)."""
 
     text: str
     per_second: float
     burst: float
+    period: float = 1.0
 
 
 class Options(msgspec.Struct, frozen=True, kw_only=True):
@@ -118,8 +120,9 @@ def parse_rate(text: str, where: str) -> Rate:
         raise RegistrationError(
             f"{where}: rate={text!r} is not a rate; write it like '200/s', '30/m' or '1000/h'"
         )
-    per_second = float(match.group(1)) / _PERIOD[match.group(2)]
-    return Rate(text=text.strip(), per_second=per_second, burst=1.0)
+    period = _PERIOD[match.group(2)]
+    per_second = float(match.group(1)) / period
+    return Rate(text=text.strip(), per_second=per_second, burst=1.0, period=float(period))
 
 
 def resolve(defaults: Mapping[str, Any], given: Mapping[str, Any], where: str) -> Options:

@@ -14,6 +14,7 @@ import pytest
 import eventfn
 from eventfn.brokers import Broker
 from eventfn.middleware.ratelimit import TokenBucket
+from eventfn.options import parse_rate
 from eventfn.runtime.breaker import Breaker, CircuitBreaker
 
 
@@ -81,6 +82,52 @@ async def test_token_bucket_spacing_with_a_fake_clock() -> None:
     finally:
         anyio.sleep = original
     assert slept == pytest.approx([0.1])
+
+
+@pytest.mark.parametrize("per_second", [100.0, 2000.0, 5000.0])
+async def test_token_bucket_keeps_its_rate_when_every_wait_ends_late(per_second: float) -> None:
+    """An event loop wakes timers late (about a millisecond with epoll, more when busy): the
+    schedule must not lose that per grant, nor let the catching up exceed the rate."""
+    now = [0.0]
+
+    async def late_sleep(seconds: float) -> None:
+        now[0] += seconds + 0.0012
+
+    bucket = TokenBucket(per_second=per_second, clock=lambda: now[0])
+    grants: list[float] = []
+    original = anyio.sleep
+    anyio.sleep = late_sleep  # type: ignore[assignment]
+    try:
+        for _ in range(int(per_second * 3)):
+            await bucket.acquire()
+            grants.append(now[0])
+            now[0] += 0.00001  # the handler's own start
+    finally:
+        anyio.sleep = original
+    achieved = (len(grants) - 1) / (grants[-1] - grants[0])
+    assert achieved == pytest.approx(per_second, rel=0.02)
+    assert most_in_any_window(grants, 1.0) <= per_second
+
+
+async def test_token_bucket_per_minute_never_exceeds_its_count_in_a_minute() -> None:
+    now = [0.0]
+
+    async def late_sleep(seconds: float) -> None:
+        now[0] += seconds + 0.005
+
+    rate = parse_rate("30/m", "test")
+    bucket = TokenBucket(rate.per_second, rate.burst, clock=lambda: now[0], window=rate.period)
+    grants: list[float] = []
+    original = anyio.sleep
+    anyio.sleep = late_sleep  # type: ignore[assignment]
+    try:
+        for _ in range(120):
+            await bucket.acquire()
+            grants.append(now[0])
+    finally:
+        anyio.sleep = original
+    assert most_in_any_window(grants, 60.0) <= 30
+    assert grants[-1] - grants[0] == pytest.approx(119 * 2.0, rel=0.01)
 
 
 async def test_timeout_counts_as_a_failure(broker: Broker) -> None:
