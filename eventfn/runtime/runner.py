@@ -148,7 +148,7 @@ class Runner:
         self._running = 0
         self.peak_running = 0
         self.peak_held = 0
-        self._work = anyio.Event()
+        self._waiting: deque[anyio.Event] = deque()  # one per worker with nothing to do
         self._room = anyio.Event()
         self._stop = anyio.Event()
         self._idle = anyio.Event()
@@ -166,7 +166,7 @@ class Runner:
             log.info("stopping: finishing %d in-flight handlers", self._running)
         self._stopping = True
         self._stop.set()
-        self._work.set()
+        self._wake(len(self._waiting))
         self._room.set()
         for consumer in self._consumers:
             consumer.more.set()
@@ -311,8 +311,16 @@ class Runner:
         self.peak_held = max(self.peak_held, self._held)
         for delivery in batch:
             self._ready.append((consumer, delivery))
-        self._work.set()
-        self._work = anyio.Event()
+        self._wake(len(batch))
+
+    def _wake(self, count: int) -> None:
+        """Wake at most ``count`` idle workers: as many as there is new work for, not all of
+        them (a broker that hands over a few messages per fetch would otherwise wake every
+        idle worker for every fetch, only for most to find nothing and wait again)."""
+        waiting = self._waiting
+        while count > 0 and waiting:
+            waiting.popleft().set()
+            count -= 1
 
     def _release_unstarted(self) -> None:
         while self._ready:
@@ -338,7 +346,9 @@ class Runner:
                 await self._dispatch(consumer, delivery)
             if self._stopping:
                 return
-            await self._work.wait()
+            wake = anyio.Event()
+            self._waiting.append(wake)
+            await wake.wait()
 
     async def _dispatch(self, consumer: _Consumer, delivery: Delivery) -> None:
         breaker = consumer.processor.breaker
