@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit install bench bench-big bench-brokers clean
+.PHONY: demo test lint typecheck unit install bench bench-full clean
 
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 
@@ -56,26 +56,31 @@ unit: $(STAMP) $(COLLECTOR_STAMP) $(ASYNCAPI_STAMP)
 
 test: lint typecheck unit
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/burst.py --write
-
-bench-brokers: $(STAMP)
-	$(BIN)/python benchmarks/burst.py --broker redis nats amqp postgresql --n 20000 --runs 3 --write
-
-bench-big: $(STAMP)
-	$(BIN)/python benchmarks/burst.py --big --write
-
-clean:
-	rm -rf $(VENV) $(COLLECTOR_VENV) $(ASYNCAPI_DIR) .pytest_cache .mypy_cache .ruff_cache demo-data
-
-# Peer frameworks (FastStream) for benchmarks/peers/: a venv of their own, never the core's deps.
+# Peer tools (FastStream, Dramatiq, arq, SAQ, Taskiq, Celery) and matplotlib for benchmarks/:
+# a venv of their own, never the core's dependencies.
 BENCH_VENV := .venv-bench
-.PHONY: bench-deps bench-peers
-bench-deps:
+BENCH_STAMP := $(BENCH_VENV)/.installed
+# arq pins redis<6 while taskiq-redis needs redis>=8; arq runs on redis 8 (its own deps, hiredis
+# aside, are already there), so it is installed without its dependency pins.
+ARQ_PIN := arq==0.28.0
+$(BENCH_STAMP): benchmarks/peers/requirements.txt pyproject.toml $(PLUGINS)
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
 	$(BENCH_VENV)/bin/pip install --quiet -e . -e plugins/redis -e plugins/nats \
 		-r benchmarks/peers/requirements.txt
+	$(BENCH_VENV)/bin/pip install --quiet --no-deps $(ARQ_PIN)
+	touch $(BENCH_STAMP)
 
-bench-peers: bench-deps
-	$(BENCH_VENV)/bin/python benchmarks/peers/faststream_bench.py --runs 3 --write
+.PHONY: bench-deps
+bench-deps: $(BENCH_STAMP)
+
+# The benchmark suite (benchmarks/suite.py): eventfn on every broker, the peer tools beside it,
+# results in benchmarks/results/*.json, plots in benchmarks/plots/, tables in RESULTS.md.
+bench: $(STAMP) $(BENCH_STAMP)
+	$(BIN)/python benchmarks/suite.py
+
+bench-full: $(STAMP) $(BENCH_STAMP)
+	$(BIN)/python benchmarks/suite.py --full
+
+clean:
+	rm -rf $(VENV) $(COLLECTOR_VENV) $(BENCH_VENV) $(ASYNCAPI_DIR) .pytest_cache .mypy_cache .ruff_cache demo-data

@@ -17,12 +17,9 @@ in a namespace of its own that is dropped afterwards.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-import math
 import os
-import platform
-import resource
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -40,35 +37,12 @@ import anyio  # noqa: E402
 import msgspec  # noqa: E402
 
 import eventfn  # noqa: E402
+from benchmarks._stats import Histogram, machine, peak_rss_mb  # noqa: E402
 from eventfn.brokers import from_url  # noqa: E402
 
 
 class Job(msgspec.Struct, frozen=True):
     n: int
-
-
-class Histogram:
-    """Log-scale buckets, 2% wide, from 1 µs to about 3 hours: fixed memory, ~1% error."""
-
-    RATIO = 1.02
-
-    def __init__(self) -> None:
-        self.counts = [0] * 1200
-        self.max = 0.0
-
-    def add(self, seconds: float) -> None:
-        self.max = max(self.max, seconds)
-        micro = max(seconds * 1e6, 1.0)
-        self.counts[min(int(math.log(micro, self.RATIO)), len(self.counts) - 1)] += 1
-
-    def quantile(self, q: float) -> float:
-        target = q * sum(self.counts)
-        seen = 0
-        for bucket, count in enumerate(self.counts):
-            seen += count
-            if count and seen >= target:
-                return self.RATIO ** (bucket + 0.5) / 1e6
-        return self.max
 
 
 def make_app(kind: str, seen: bytearray, latency: Histogram) -> eventfn.App:
@@ -87,7 +61,7 @@ def make_app(kind: str, seen: bytearray, latency: Histogram) -> eventfn.App:
         async def sleepy(job: Job, ctx: eventfn.Context) -> None:
             latency.add(time.time() - ctx.delivery.published_at)
             seen[job.n] = 1
-            await anyio.sleep(0.005)
+            await asyncio.sleep(0.005)  # the same call as the peers' handlers
 
     return app
 
@@ -121,10 +95,8 @@ async def drain(url: str, count: int, kind: str, concurrency: int) -> dict[str, 
         "seconds": wall,
         "throughput": count / wall,
         "cpu_us_per_event": cpu / count * 1e6,
-        "p50_ms": latency.quantile(0.50) * 1e3,
-        "p99_ms": latency.quantile(0.99) * 1e3,
-        "max_ms": latency.max * 1e3,
         "peak_rss_mb": peak_rss_mb(),
+        **latency.summary(),
     }
 
 
@@ -139,19 +111,6 @@ URLS = {
 async def drop(url: str) -> None:
     async with from_url(url) as broker:
         await broker.drop()
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak RSS. Linux starts a child's ru_maxrss at its parent's peak (it
-    survives fork and exec), so read VmHWM where /proc has it."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_case(broker: str, count: int, kind: str, concurrency: int) -> dict[str, Any]:
@@ -178,28 +137,12 @@ def run_case(broker: str, count: int, kind: str, concurrency: int) -> dict[str, 
     return result
 
 
-def machine() -> dict[str, Any]:
-    model = "unknown"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem, 1),
-        "python": platform.python_version(),
-        "sqlite": sqlite3.sqlite_version,
-        "platform": platform.platform(),
-    }
-
-
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ["throughput", "cpu_us_per_event", "p50_ms", "p99_ms", "max_ms", "peak_rss_mb"]
+    keys = ["throughput", "cpu_us_per_event", "p50_ms", "p90_ms", "p99_ms", "max_ms"]
     out: dict[str, Any] = {key: statistics.median(r[key] for r in runs) for key in keys}
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)  # the worst run: a peak is a peak
+    ordered = sorted(runs, key=lambda r: r["throughput"])
+    out["cdf"] = ordered[len(ordered) // 2]["cdf"]  # the latency CDF of the median run
     out["throughput_min"] = min(r["throughput"] for r in runs)
     out["throughput_max"] = max(r["throughput"] for r in runs)
     out["runs"] = len(runs)

@@ -7,6 +7,7 @@ broker, the timeout, the retry policy). Prints both throughputs and their ratio.
 
     python benchmarks/middleware_overhead.py                 # N = 100,000, 3 runs each
     python benchmarks/middleware_overhead.py --n 20000 --runs 1
+    python benchmarks/middleware_overhead.py --parts --write     # results/middleware.json
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import msgspec  # noqa: E402
 
 import eventfn  # noqa: E402
 from benchmarks import _fresh as fresh  # noqa: E402
+from benchmarks._stats import machine, spread  # noqa: E402
 from eventfn.brokers import from_url  # noqa: E402
 
 
@@ -90,6 +92,7 @@ def main() -> None:
     parser.add_argument(
         "--parts", action="store_true", help="also measure idempotency alone and timeout alone"
     )
+    parser.add_argument("--write", action="store_true", help="save results/middleware.json")
     args = parser.parse_args()
     cases = ("bare", "full", *(("idempotent", "timeout") if args.parts else ()))
     runs: dict[str, list[dict[str, Any]]] = {case: [] for case in cases}
@@ -97,9 +100,12 @@ def main() -> None:
         for case in cases:
             runs[case].append(run_case(args.n, case))
     medians = {}
+    rows = []
     for case in cases:
         medians[case] = statistics.median(r["throughput"] for r in runs[case])
         cpu = statistics.median(r["cpu_us_per_event"] for r in runs[case])
+        rows.append({"case": case, "n": args.n, "runs": args.runs, "cpu_us_per_event": cpu})
+        rows[-1].update(spread(runs[case]))
         each = ", ".join(f"{r['throughput']:,.0f}" for r in runs[case])
         print(
             f"{case:<10} N={args.n:,}  {medians[case]:>9,.0f} events/s  "
@@ -108,6 +114,14 @@ def main() -> None:
         )
     for case in cases[1:]:
         print(f"ratio {case}/bare: {medians[case] / medians['bare']:.2f}")
+    for row in rows:
+        row["ratio"] = row["throughput"] / medians["bare"]
+    if args.write:
+        document = {"benchmark": "middleware", "machine": machine(), "cases": rows}
+        document["when"] = time.strftime("%Y-%m-%d")
+        (ROOT / "benchmarks" / "results" / "middleware.json").write_text(
+            json.dumps(document, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":

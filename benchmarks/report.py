@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._report_workloads import workloads_section
+from benchmarks._targets import rows
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -31,6 +38,8 @@ def burst_section(doc: dict[str, Any]) -> list[str]:
         "it is mostly time spent waiting in the backlog); peak RSS is the runner process's. "
         "Every run checks that every event was handled.",
         "",
+        "![throughput vs N](plots/throughput_vs_n.png) ![RSS vs N](plots/rss_vs_n.png)",
+        "",
         "| broker | handler | N | concurrency | events/s | CPU µs/event | p50 ms | p99 ms "
         "| max ms | peak RSS MB | runs |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -46,8 +55,7 @@ def burst_section(doc: dict[str, Any]) -> list[str]:
     lines += [
         "",
         "Reproduce one row: `python benchmarks/burst.py --broker sqlite --n 100000 --handler noop "
-        "--runs 3` (`make bench` runs the SQLite rows, `make bench-big` adds N = 1,000,000, "
-        "`make bench-brokers` the networked rows).",
+        "--runs 3` (any broker, handler and N; `--n 1000000 --runs 1` for the 1M rows).",
         "",
     ]
     return lines
@@ -55,24 +63,35 @@ def burst_section(doc: dict[str, Any]) -> list[str]:
 
 def scaleout_section(doc: dict[str, Any]) -> list[str]:
     lines = [
-        "## Elasticity: 1, 2 and 3 runner processes on one broker (`benchmarks/scaleout.py`)",
+        "## Scale-out: 1, 2 and 3 runner processes on one broker (`benchmarks/scaleout.py`)",
         "",
-        f"Measured {doc['when']} on the same machine. Each runner: concurrency 16, a handler "
-        "that sleeps 10 ms (ideal 1,600 events/s per runner); the backlog is published first, "
-        "the runners start together in burst mode; every event is counted. The time runs from "
-        "starting the processes (interpreter start-up included, about 0.5-1 s of a 4-8 s "
-        "drain) to the last exit. The machine has 2 cores, so the third runner competes with "
-        "the other two, the broker and the thread that counts events for CPU.",
+        f"Measured {doc['when']} on the same machine. Each runner (`eventfn run --burst`): "
+        "concurrency 16, a handler that sleeps 10 ms (ideal 1,600 events/s per runner). The "
+        "backlog is published first and the runners start together; each records when it "
+        "handled which event, so the time runs from the first event any runner handled to the "
+        "last (interpreter start-up excluded). Every event is counted once across the runners. "
+        "The machine has 2 cores: a third runner competes with the other two and the broker "
+        "server for CPU.",
         "",
-        "| broker | runners | N | events/s | vs one runner |",
-        "|---|---:|---:|---:|---:|",
+        "![throughput vs runners](plots/throughput_vs_runners.png)",
+        "",
+        "| broker | runners | N | events/s | vs one runner | events per runner | runs |",
+        "|---|---:|---:|---:|---:|---|---:|",
     ]
     for c in doc["cases"]:
+        spread = f"({c.get('throughput_min', c['throughput']):,.0f}-"
+        spread += f"{c.get('throughput_max', c['throughput']):,.0f})"
+        shares = ", ".join(f"{n:,}" for n in c.get("per_runner", []))
         lines.append(
-            f"| {c['broker']} | {c['runners']} | {c['n']:,} | {c['throughput']:,.0f} | "
-            f"{c['ratio']:.2f}x |"
+            f"| {c['broker']} | {c['runners']} | {c['n']:,} | {c['throughput']:,.0f} {spread} "
+            f"| {c['ratio']:.2f}x | {shares} | {c.get('runs', 1)} |"
         )
-    lines += ["", "Reproduce: `python benchmarks/scaleout.py --broker redis nats postgresql`.", ""]
+    lines += [
+        "",
+        "Reproduce: `python benchmarks/scaleout.py --broker redis nats amqp postgresql --n 8000 "
+        "--runs 3`.",
+        "",
+    ]
     return lines
 
 
@@ -124,57 +143,156 @@ def uploads_section(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
-def peers_section(cases: list[dict[str, Any]]) -> list[str]:
+def peers_section(doc: dict[str, Any] | list[dict[str, Any]]) -> list[str]:
+    cases = doc["cases"] if isinstance(doc, dict) else doc
     lines = [
-        "## eventfn beside FastStream and raw client loops (`benchmarks/peers/`)",
+        "## eventfn beside the tools a team would pick instead (`benchmarks/peers/run.py`)",
         "",
-        "N no-op messages pre-published to Redis Streams or NATS JetStream; one consumer process "
-        "(concurrency 64 where the tool has a knob) drains them; median of the runs, min-max in "
-        "brackets. Every case checks all N unique ids handled. FastStream per message uses its "
-        "documented `max_workers=64`; `batch=True` is its high-throughput mode (the handler gets "
-        "a list, `max_workers` does not apply), shown for completeness. The raw loops are "
-        "redis-py `XREADGROUP`/`XACK` and a nats-py pull consumer acking each message: the "
-        "practical limit of Python on that broker. CPU and peak RSS are the consumer process's.",
+        "N messages pre-published to Redis Streams or NATS JetStream; then one consumer process "
+        "drains them, at concurrency 64 where the tool has a knob. Median of the runs, min-max "
+        "in brackets; tools take turns going first. Every case checks all N unique ids handled "
+        "and nothing left unacknowledged. Latency is publish time to handler start (in a "
+        "pre-published burst: time spent waiting in the backlog). CPU and peak RSS are the "
+        "consumer process's. `raw` is a hand-written client loop that acks every message "
+        "(redis-py `XREADGROUP`/`XACK`, a nats-py pull consumer): the practical limit of Python "
+        "on that broker. How each tool is configured is in the last column; peers are "
+        "installed only into `.venv-bench` (`make bench-deps`).",
         "",
-        "| broker | tool | N | msg/s | CPU µs/msg | peak RSS MB | eventfn / this |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "![peers](plots/peers.png)",
+        "",
+        "| handler | broker | tool | N | msg/s | CPU µs/msg | p99 ms | peak RSS MB "
+        "| eventfn / this | settings |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    ours = {c["broker"]: c["throughput"] for c in cases if c["tool"] == "eventfn"}
+    ours = {(c.get("handler", "noop"), c["broker"]): c for c in cases if c["tool"] == "eventfn"}
     for c in cases:
+        handler = c.get("handler", "noop")
         spread = f"({c['throughput_min']:,.0f}-{c['throughput_max']:,.0f})"
-        ratio = ours.get(c["broker"], float("nan")) / c["throughput"]
+        mine = ours.get((handler, c["broker"]))
+        ratio = f"{mine['throughput'] / c['throughput']:.2f}x" if mine else "-"
+        p99 = f"{c['p99_ms']:,.0f}" if "p99_ms" in c else "-"
         lines.append(
-            f"| {c['broker']} | {c['tool']} | {c['n']:,} | {c['throughput']:,.0f} {spread} "
-            f"| {c['cpu_us_per_message']:.1f} | {c['peak_rss_mb']:.1f} | {ratio:.2f}x |"
+            f"| {handler} | {c['broker']} | {c['tool']} | {c['n']:,} "
+            f"| {c['throughput']:,.0f} {spread} | {c['cpu_us_per_message']:.1f} | {p99} "
+            f"| {c['peak_rss_mb']:.1f} | {ratio} | {c.get('settings', '')} |"
         )
     lines += [
         "",
-        "Reproduce: `make bench-deps && .venv-bench/bin/python benchmarks/peers/faststream_bench.py"
-        " --runs 3 --write`.",
+        "Reproduce: `make bench-deps && .venv-bench/bin/python benchmarks/peers/run.py --runs 3 "
+        "--handler noop sleep` (`--tool`, `--broker` pick cases).",
         "",
     ]
     return lines
 
 
-def main() -> None:
-    out = ["# Benchmark results", ""]
+def loops_section(doc: dict[str, Any]) -> list[str]:
+    broker, bare = doc["broker"], doc["bare"]
+    return [
+        "## The SQLite broker beside a bare loop over its schema (`benchmarks/sqlite_loop.py`)",
+        "",
+        f"Measured {doc['when']}. {doc['n']:,} messages; the broker's own fetch/settle loop "
+        "(no runner) and a bare synchronous sqlite3 loop with the same claim statement, each "
+        "body decoded with msgspec, and the acks deleted in one transaction per batch: the "
+        f"practical limit of SQLite from Python. Median of {doc['rounds']} rounds.",
+        "",
+        "| loop | msg/s | CPU µs/msg |",
+        "|---|---:|---:|",
+        f"| broker fetch/settle | {broker['throughput']:,.0f} "
+        f"({broker['throughput_min']:,.0f}-{broker['throughput_max']:,.0f}) "
+        f"| {broker['cpu_us_per_message']:.1f} |",
+        f"| bare sqlite3 claim-decode-ack | {bare['throughput']:,.0f} "
+        f"({bare['throughput_min']:,.0f}-{bare['throughput_max']:,.0f}) "
+        f"| {bare['cpu_us_per_message']:.1f} |",
+        "",
+        "Reproduce: `python benchmarks/sqlite_loop.py --json -n 100000 --rounds 5`.",
+        "",
+    ]
+
+
+def middleware_section(doc: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Middleware overhead (#3) and where the time goes (`middleware_overhead.py`)",
+        "",
+        f"Measured {doc['when']}. SQLite broker, no-op handler, concurrency 64, N = "
+        f"{doc['cases'][0]['n']:,}, fresh processes per run, runs interleaved; median and range.",
+        "",
+        "| chain | events/s | CPU µs/event | ratio to bare |",
+        "|---|---:|---:|---:|",
+    ]
+    names = {
+        "bare": "bare (retry and dead letter on, as always)",
+        "timeout": "`timeout=10` only",
+        "idempotent": "`idempotent=True` only",
+        "full": "full: `idempotent=True, timeout=10, retry=Retry()`",
+    }
+    for c in doc["cases"]:
+        spread = f"({c['throughput_min']:,.0f}-{c['throughput_max']:,.0f})"
+        lines.append(
+            f"| {names.get(c['case'], c['case'])} | {c['throughput']:,.0f} {spread} "
+            f"| {c['cpu_us_per_event']:.1f} | {c['ratio']:.2f} |"
+        )
+    lines.append("")
     if TARGETS.exists():
-        out += [TARGETS.read_text().rstrip(), ""]
-    burst = RESULTS / "burst.json"
-    if burst.exists():
-        out += burst_section(json.loads(burst.read_text()))
-    scaleout = RESULTS / "scaleout.json"
-    if scaleout.exists():
-        out += scaleout_section(json.loads(scaleout.read_text()))
-    telemetry = RESULTS / "telemetry.json"
-    if telemetry.exists():
-        out += telemetry_section(json.loads(telemetry.read_text()))
-    uploads = RESULTS / "uploads.json"
-    if uploads.exists():
-        out += uploads_section(json.loads(uploads.read_text()))
-    peers = RESULTS / "peers.json"
-    if peers.exists():
-        out += peers_section(json.loads(peers.read_text()))
+        lines += [TARGETS.read_text().rstrip(), ""]
+    return lines
+
+
+def header(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "# Benchmark results",
+        "",
+        "Generated by `benchmarks/report.py` from `benchmarks/results/*.json`; the plots in "
+        "`benchmarks/plots/` by `benchmarks/plots.py`. `make bench` runs the quick profile (a "
+        "few minutes), `make bench-full` everything (`benchmarks/suite.py --full`). The machine "
+        "is shared and has 2 cores, so single runs vary by up to about 30%: tables give medians "
+        "of several runs with min-max, and comparisons are made side by side in one run.",
+        "",
+    ]
+    suite = results.get("suite")
+    if suite:
+        lines += [
+            f"Last suite run: `{suite['profile']}` profile, {suite['when']}, "
+            f"{suite['seconds'] / 60:.1f} minutes:",
+            "",
+            "| step | command | seconds |",
+            "|---|---|---:|",
+        ]
+        for step in suite["steps"]:
+            lines.append(f"| {step['step']} | `{step['command']}` | {step['seconds']:.0f} |")
+        lines.append("")
+    return lines
+
+
+def targets_section(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Targets and where they stand",
+        "",
+        "Checked by `report.py` against the results below, each with the command that measures "
+        "it. Where a target is not met, the section on that benchmark says where the time goes.",
+        "",
+        "| issue | target | measured | status | command |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [row.cells() for row in rows(results)]
+    return [*lines, ""]
+
+
+def main() -> None:
+    results = {path.stem: json.loads(path.read_text()) for path in sorted(RESULTS.glob("*.json"))}
+    out = header(results) + targets_section(results)
+    sections: list[tuple[str, Callable[[Any], list[str]]]] = [
+        ("burst", burst_section),
+        ("loops", loops_section),
+        ("peers", peers_section),
+        ("workloads", workloads_section),
+        ("scaleout", scaleout_section),
+        ("telemetry", telemetry_section),
+        ("uploads", uploads_section),
+        ("middleware", middleware_section),
+    ]
+    for name, section in sections:
+        if name in results:
+            out += section(results[name])
     (HERE / "RESULTS.md").write_text("\n".join(out))
 
 

@@ -1,23 +1,26 @@
 """Elasticity: 1, 2 and 3 runner processes on one networked broker share an I/O-bound backlog.
 
-Each runner process drains with concurrency 16 and a handler that sleeps 10 ms (ideal: 1,600
-events/s per runner). The backlog is published first; the runners start together in burst mode
-and the drain time is from their start until the last one exits. Every event is counted.
+Each runner process (``eventfn run --burst``) drains with concurrency 16 and a handler that
+sleeps 10 ms (ideal: 1,600 events/s per runner). The backlog is published first; the runners
+start together. Each runner records when it handled which event and writes that list when it
+exits (its lifespan), so the drain time runs from the first event any runner handled to the last
+one, without interpreter start-up; every event is counted once across the runners.
 
-    python benchmarks/scaleout.py --broker redis nats postgresql --n 8000 --write
+    python benchmarks/scaleout.py --broker redis nats postgresql --n 8000 --runs 3 --write
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,37 +32,36 @@ import anyio  # noqa: E402
 import msgspec  # noqa: E402
 
 import eventfn  # noqa: E402
-from benchmarks.burst import URLS, drop, machine  # noqa: E402
+from benchmarks._stats import machine, spread  # noqa: E402
+from benchmarks.burst import URLS, drop  # noqa: E402
 
-COUNTS = os.environ.get("SCALEOUT_COUNTS", "counts.db")
+OUT = os.environ.get("SCALEOUT_OUT", ".")
 
 
 class Job(msgspec.Struct, frozen=True):
     n: int
 
 
+SLEEP = 0.01
+_handled: list[tuple[int, float]] = []
+
 app = eventfn.App("scaleout")
 
 
-_db: sqlite3.Connection | None = None
-_lock = threading.Lock()
-
-
-def _count(n: int) -> None:
-    # one connection per runner process, no fsync: the count must not be the bottleneck
-    global _db
-    with _lock:
-        if _db is None:
-            _db = sqlite3.connect(COUNTS, timeout=30, check_same_thread=False)
-            _db.execute("PRAGMA synchronous=OFF")
-        _db.execute("INSERT INTO seen VALUES (?)", (n,))
-        _db.commit()
+@app.lifespan
+@contextlib.asynccontextmanager
+async def record(app: eventfn.App) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        report = anyio.Path(OUT, f"handled-{os.getpid()}.json")
+        await report.write_bytes(msgspec.json.encode(_handled))
 
 
 @app.on_queue("scaleout", concurrency=16)
 async def work(job: Job) -> None:
-    await anyio.sleep(0.01)
-    await anyio.to_thread.run_sync(_count, job.n)
+    _handled.append((job.n, time.time()))
+    await anyio.sleep(SLEEP)
 
 
 async def publish(url: str, count: int) -> None:
@@ -74,47 +76,40 @@ async def publish(url: str, count: int) -> None:
 def run(broker: str, runners: int, count: int) -> dict[str, Any]:
     url = URLS[broker].format(ns=f"scale{os.getpid()}x{time.monotonic_ns() % 10**9}")
     with tempfile.TemporaryDirectory() as tmp:
-        counts = str(Path(tmp) / "counts.db")
-        with sqlite3.connect(counts) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE seen (n INT)")
         try:
             anyio.run(publish, url, count)
-            env = {**os.environ, "SCALEOUT_COUNTS": counts, "PYTHONPATH": str(ROOT)}
-            command = [
-                sys.executable,
-                "-m",
-                "eventfn",
-                "--log-level",
-                "warning",
-                "run",
-                "benchmarks.scaleout:app",
-                "--broker",
-                url,
-                "--burst",
-                "--concurrency",
-                "16",
-            ]
-            started = time.perf_counter()
+            env = {**os.environ, "SCALEOUT_OUT": tmp, "PYTHONPATH": str(ROOT)}
+            command = [sys.executable, "-m", "eventfn", "--log-level", "warning", "run"]
+            command += ["benchmarks.scaleout:app", "--broker", url, "--burst"]
             processes = [
                 subprocess.Popen(command, env=env, cwd=tmp, stdout=subprocess.DEVNULL)
                 for _ in range(runners)
             ]
-            for process in processes:
-                process.wait(timeout=600)
-            seconds = time.perf_counter() - started
+            codes = [process.wait(timeout=600) for process in processes]
+            if any(codes):
+                raise SystemExit(f"{broker} x{runners}: runner exit codes {codes}")
         finally:
             anyio.run(drop, url)
-        with sqlite3.connect(counts) as db:
-            distinct = db.execute("SELECT COUNT(DISTINCT n) FROM seen").fetchone()[0]
-    if distinct != count:
-        raise SystemExit(f"{broker} x{runners}: {count - distinct} events were not handled")
+        shares = [
+            msgspec.json.decode(path.read_bytes(), type=list[tuple[int, float]])
+            for path in Path(tmp).glob("handled-*.json")
+        ]
+    handled = [entry for share in shares for entry in share]
+    distinct = len({n for n, _ in handled})
+    if distinct != count or len(shares) != runners:
+        raise SystemExit(
+            f"{broker} x{runners}: {count - distinct} events not handled, {len(shares)} reports"
+        )
+    times = [at for _, at in handled]
+    seconds = max(times) - min(times) + SLEEP  # the last handler's own sleep
     return {
         "broker": broker,
         "runners": runners,
         "n": count,
         "seconds": seconds,
         "throughput": count / seconds,
+        "duplicates": len(handled) - distinct,
+        "per_runner": sorted(len(share) for share in shares),
     }
 
 
@@ -124,19 +119,26 @@ def main() -> None:
     )
     parser.add_argument("--broker", nargs="+", default=["redis"], choices=list(URLS))
     parser.add_argument("--n", type=int, default=8000)
+    parser.add_argument("--runs", type=int, default=3, help="runs per case (median reported)")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     cases = []
     for broker in args.broker:
-        base = None
-        for runners in (1, 2, 3):
-            case = run(broker, runners, args.n)
-            base = base or case["throughput"]
+        runs: dict[int, list[dict[str, Any]]] = {1: [], 2: [], 3: []}
+        for _ in range(args.runs):  # interleaved, so that drift hits every runner count alike
+            for runners in runs:
+                runs[runners].append(run(broker, runners, args.n))
+        base = statistics.median(r["throughput"] for r in runs[1])
+        for runners, measured in runs.items():
+            case = {**measured[0], **spread(measured), "runs": len(measured)}
+            case["seconds"] = statistics.median(r["seconds"] for r in measured)
+            case["duplicates"] = sum(r["duplicates"] for r in measured)
             case["ratio"] = case["throughput"] / base
             cases.append(case)
             print(
-                f"{broker:<10} runners={runners}  {case['throughput']:8,.0f} events/s  "
-                f"x{case['ratio']:.2f} of one runner",
+                f"{broker:<10} runners={runners}  {case['throughput']:8,.0f} events/s "
+                f"({case['throughput_min']:,.0f}-{case['throughput_max']:,.0f})  "
+                f"x{case['ratio']:.2f} of one runner  shares {case['per_runner']}",
                 flush=True,
             )
     if args.write:

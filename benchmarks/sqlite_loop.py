@@ -4,17 +4,20 @@
     python benchmarks/sqlite_loop.py --keys 64        # a stream of 100,000 records on 64 keys
 
 Broker loop: publish N messages, then ``fetch(limit=batch)`` -> ``settle(ack)`` until drained.
-Bare loop: the same claim (one ``UPDATE ... RETURNING``), a tuple per row, and the acks deleted in
-one ``BEGIN IMMEDIATE ... COMMIT``, with the plain sqlite3 module and no asyncio. The ratio of the
-two is what the broker's Python and aiosqlite cost on top of SQLite itself. CPU is the process's
-(``time.process_time``, every thread: aiosqlite runs SQLite on a thread of its own).
+Bare loop: the same claim (one ``UPDATE ... RETURNING``), each body decoded (msgspec), and the
+acks deleted in one ``BEGIN IMMEDIATE ... COMMIT``, with the plain sqlite3 module and no asyncio.
+The ratio of the two is what the broker's Python and aiosqlite cost on top of SQLite itself.
+CPU is the process's (``time.process_time``, every thread: aiosqlite runs SQLite on a thread of
+its own).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import sqlite3
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -109,13 +112,14 @@ def bare_drain(path: str, ref: SubscriptionRef, limit: int) -> tuple[Measure, in
     db.execute("PRAGMA synchronous = NORMAL")
     [(sub,)] = db.execute("SELECT id FROM subscriptions WHERE name = ?", (ref.name,))
     handled = 0
+    decode = msgspec.json.Decoder().decode
     with Measure() as measure:
         while True:
             now = time.time()
             rows = db.execute(CLAIM, (sub, now, now + LEASE, limit)).fetchall()
             if not rows:
                 break
-            claimed = [(row[0], row[6], row[1], row[2]) for row in rows]
+            claimed = [(row[0], row[6], row[1], decode(row[2])) for row in rows]
             handled += len(claimed)
             db.execute("BEGIN IMMEDIATE")
             db.executemany(ACK, [(seq, claims) for seq, claims, _, _ in claimed])
@@ -155,7 +159,23 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=0, help="a stream with this many keys")
     parser.add_argument("--publish-batch", type=int, default=1000, help="messages per publish")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the best is shown")
+    parser.add_argument("--json", action="store_true", help="print medians of the rounds as JSON")
     args = parser.parse_args()
+    if args.json:
+        rounds = [one_round(args, swap=r % 2 == 1) for r in range(args.rounds)]
+        out = {}
+        for label in ("broker loop", "bare loop"):
+            rates = [args.n / r[label].wall for r in rounds]
+            out[label.split()[0]] = {
+                "throughput": statistics.median(rates),
+                "throughput_min": min(rates),
+                "throughput_max": max(rates),
+                "cpu_us_per_message": statistics.median(r[label].cpu for r in rounds)
+                / args.n
+                * 1e6,
+            }
+        print(json.dumps({"n": args.n, "rounds": args.rounds, **out}))
+        return
     shape = f"a stream on {args.keys} keys" if args.keys else "a queue"
     print(f"{args.n:,} messages to {shape}, fetch limit {args.batch}, best of {args.rounds}")
     best: dict[str, Measure] = {}
