@@ -55,6 +55,7 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
     namespace: str = "eventfn"
     delivery_limit: int = 20
     stream_prefetch: int = 256
+    fetch_linger: float = 0.0
 
 
 def parse_url(url: str, described: str) -> Options:
@@ -81,10 +82,27 @@ def parse_url(url: str, described: str) -> Options:
         namespace=namespace,
         delivery_limit=_positive(ours, "delivery_limit", 20, described),
         stream_prefetch=min(65535, _positive(ours, "stream_prefetch", 256, described)),
+        fetch_linger=_linger(ours.get("fetch_linger"), described),
     )
 
 
-_OWN = frozenset({"namespace", "delivery_limit", "stream_prefetch"})
+_OWN = frozenset({"namespace", "delivery_limit", "stream_prefetch", "fetch_linger"})
+_MAX_LINGER = 1.0
+
+
+def _linger(text: str | None, described: str) -> float:
+    if text is None:
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= _MAX_LINGER:  # also refuses nan
+        raise ConfigurationError(
+            f"broker URL {described!r}: fetch_linger={text!r} must be seconds from 0 to "
+            f"{_MAX_LINGER:g}"
+        )
+    return value
 
 
 def _positive(options: dict[str, str], name: str, default: int, described: str) -> int:

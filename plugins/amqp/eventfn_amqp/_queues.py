@@ -30,6 +30,8 @@ from aiormq.exceptions import AMQPError, ChannelNotFoundEntity
 
 from eventfn.brokers.base import Delivery, SubscriptionRef
 from eventfn.exceptions import BrokerError, ConfigurationError
+from eventfn_amqp._acks import Acks
+from eventfn_amqp._delivery import deliver_inline
 from eventfn_amqp._leases import Leases
 from eventfn_amqp._wire import Incoming, dead
 
@@ -38,7 +40,6 @@ IDLE = 0.5
 MAX_CREDIT = 4096
 """Most deliveries RabbitMQ may push ahead to one instance for one subscription."""
 _GATHER_ROUNDS = 8
-_FRAME_TIMEOUT = 5.0
 # A lease being settled is looked at again this much later, in case its settle failed.
 _RECHECK = 1.0
 
@@ -62,6 +63,10 @@ class QueueLease:
     def live(self) -> bool:
         return not (self.ended or self.settling or dead(self.incoming.message.channel))
 
+    @property
+    def finished(self) -> bool:
+        return self.ended
+
     async def due(self, now: float) -> None:
         if self.ended or self.deadline > now:
             return
@@ -71,7 +76,7 @@ class QueueLease:
         # the lease ran out: back to the queue, and the quorum queue counts the return
         self.ended = True
         self.consumer.leases.end(self.token)
-        await self.consumer.settle_raw(self.incoming, requeue=True)
+        await self.consumer.nack(self.incoming)
 
 
 class QueueConsumer:
@@ -79,6 +84,7 @@ class QueueConsumer:
 
     stream = False
     closed = False  # a lost channel is replaced at the next fetch; its leases go with it
+    finished = False  # its idle check is always kept
 
     def __init__(
         self,
@@ -88,6 +94,7 @@ class QueueConsumer:
         leases: Leases,
         owner: str,
         give_back: GiveBack,
+        linger: float = 0.0,
     ) -> None:
         self.ref = ref
         self.queue = queue
@@ -95,8 +102,10 @@ class QueueConsumer:
         self._connect = connect
         self._owner = owner
         self._give_back = give_back
+        self._linger = linger
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._raw: AbstractChannel | None = None
+        self._acks = Acks()  # what the channel delivered and nothing settled yet
         self._tags: set[str] = set()  # consumers now registered on the queue
         self._credit = 0  # their prefetch, summed
         self._owed = 0  # their deliveries not acked yet (pushed here, or leased)
@@ -104,6 +113,7 @@ class QueueConsumer:
         self._changed = anyio.Event()
         self._fetching = 0
         self._last_fetch = 0.0
+        self._idle_check = False  # an idle check is scheduled
         self._lock = anyio.Lock()
 
     async def fetch(self, limit: int, lease: float, wait: float) -> list[Delivery]:
@@ -114,29 +124,44 @@ class QueueConsumer:
         try:
             await self._ensure_credit(limit)
             deadline = time.monotonic() + wait
+            yielded = False
             while True:
+                if self._changed.is_set():
+                    self._changed = anyio.Event()  # one event per wait, not per arrival
                 changed = self._changed
                 if self._buffer and len(self._buffer) < limit:
                     await self._gather_arrived()
+                    if self._linger and len(self._buffer) < limit:
+                        await self._fill(limit)
+                    yielded = True
                 if self._buffer:
                     # no await between taking and returning: a cancelled fetch leases nothing
                     count = min(limit, len(self._buffer))
                     return [self._lease(self._buffer.popleft(), lease) for _ in range(count)]
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or dead(self._raw):
-                    return []
+                    if yielded:
+                        return []
+                    # never empty-handed without letting what was pushed meanwhile arrive
+                    await anyio.lowlevel.checkpoint()
+                    yielded = True
+                    continue
                 with anyio.move_on_after(remaining):
                     await changed.wait()
+                yielded = True
         finally:
             self._fetching -= 1
             self._last_fetch = time.monotonic()
-            self.leases.timers.add(self._last_fetch + IDLE, self)
+            if not self._idle_check:
+                self._idle_check = True
+                self.leases.timers.add(self._last_fetch + IDLE, self)
 
     async def _gather_arrived(self) -> None:
         """Let deliveries already read from the socket land, so a fetch returns them together.
 
-        aiormq hands each delivery over in a task of its own; without this a fetch woken by the
-        first one would return a batch of one, and the runner would fetch once per message.
+        Deliveries land as aiormq's reader gets to them (or each in a task of its own, with an
+        aiormq that ``deliver_inline`` does not know): without this a fetch woken by the first
+        one could return a batch of one, and the runner would fetch once per message.
         """
         for _ in range(_GATHER_ROUNDS):
             before = len(self._buffer)
@@ -144,7 +169,21 @@ class QueueConsumer:
             if len(self._buffer) == before:
                 return
 
+    async def _fill(self, limit: int) -> None:
+        """The URL's ``fetch_linger``: wait that long at most for ``limit`` deliveries, once
+        one is here (the credit for them is there: RabbitMQ may push them if it has them)."""
+        with anyio.move_on_after(self._linger):
+            while len(self._buffer) < limit and not dead(self._raw):
+                if self._changed.is_set():
+                    self._changed = anyio.Event()
+                await self._changed.wait()
+
     async def _ensure_credit(self, limit: int) -> None:
+        if not self._lock.locked() and not dead(self._raw):
+            # the common case, decided without the lock: the credit is there already
+            free = self._credit - self._owed
+            if min(limit - len(self._buffer) - free, MAX_CREDIT - self._credit) <= 0:
+                return
         async with self._lock:
             raw = await self._ready()
             free = self._credit - self._owed
@@ -174,13 +213,21 @@ class QueueConsumer:
             connection = await self._connect()
             self._channel = await connection.channel(publisher_confirms=False)
             self._raw = await self._channel.get_underlay_channel()
+            self._acks = Acks()
+            deliver_inline(self._raw, self._land)  # or _arrive runs, as aiormq's tasks
         return self._raw
 
     async def _arrive(self, message: DeliveredMessage) -> None:
+        self._land(message)
+
+    def _land(self, message: DeliveredMessage) -> None:
+        incoming = Incoming(message)
+        if message.channel is self._raw:
+            self._acks.arrived(incoming.tag)
         self._owed += 1
-        self._buffer.append(Incoming(message))
-        self._changed.set()
-        self._changed = anyio.Event()
+        self._buffer.append(incoming)
+        if not self._changed.is_set():
+            self._changed.set()
 
     def _lease(self, incoming: Incoming, seconds: float) -> Delivery:
         token = self.leases.grant(QueueLease(self, incoming), seconds)
@@ -195,24 +242,46 @@ class QueueConsumer:
             first_failed_at=incoming.first_failed_at,
         )
 
-    async def settle_raw(self, incoming: Incoming, *, requeue: bool | None = None) -> None:
-        """Ack a delivery (``requeue`` None), or nack it back to its queue."""
-        channel = incoming.message.channel
-        if dead(channel):
-            return  # RabbitMQ returned it to the queue already, with the channel
-        if getattr(incoming.message.delivery, "consumer_tag", None) in self._tags:
-            self._owed -= 1
-        # a connection that dies meanwhile never takes the frame: RabbitMQ requeues the message
-        with anyio.move_on_after(_FRAME_TIMEOUT):
-            if requeue is None:
-                # not waiting for the socket to drain per ack: acks of a batch go out together
-                await channel.basic_ack(incoming.tag, wait=False)
-            else:
-                await channel.basic_nack(incoming.tag, requeue=requeue)
+    def _owned(self, incomings: Sequence[Incoming]) -> list[int]:
+        """The tags of those deliveries that are still this channel's to settle (the others
+        went back to the queue with their channel, closed or replaced by a new one)."""
+        raw = self._raw
+        if dead(raw):
+            return []
+        tags = []
+        for incoming in incomings:
+            message = incoming.message
+            if message.channel is raw:
+                if getattr(message.delivery, "consumer_tag", None) in self._tags:
+                    self._owed -= 1
+                tags.append(incoming.tag)
+        return tags
+
+    async def ack(self, incomings: Sequence[Incoming]) -> None:
+        """Ack deliveries: those that lead the channel's unsettled ones in one frame."""
+        tags = self._owned(incomings)
+        raw = self._raw
+        if not tags or raw is None:
+            return
+        await self._acks.ack(raw, tags)
+
+    async def nack(self, incoming: Incoming) -> None:
+        """Return a delivery to its queue (counted in ``x-delivery-count``)."""
+        raw = self._raw
+        if not self._owned([incoming]) or raw is None:
+            return
+        await self._acks.nack(raw, incoming.tag)
 
     async def due(self, now: float) -> None:
         """The idle check: stop consuming when nobody fetched for ``IDLE`` seconds."""
-        if self._fetching or now - self._last_fetch < IDLE or not self._tags:
+        self._idle_check = False
+        if self._fetching:
+            return  # that fetch schedules the next check when it ends
+        if now - self._last_fetch < IDLE:
+            self._idle_check = True
+            self.leases.timers.add(self._last_fetch + IDLE, self)
+            return
+        if not self._tags:
             return
         async with self._lock:
             await self._stop_consuming()

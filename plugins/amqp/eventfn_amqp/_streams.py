@@ -31,11 +31,12 @@ from aiormq.exceptions import AMQPError, ChannelNotFoundEntity
 
 from eventfn.brokers.base import Delivery, SubscriptionRef
 from eventfn.exceptions import BrokerError, ConfigurationError
+from eventfn_amqp._acks import Acks
+from eventfn_amqp._delivery import deliver_inline
 from eventfn_amqp._leases import Leases
 from eventfn_amqp._wire import Incoming, dead
 
 _RECHECK = 1.0
-_FRAME_TIMEOUT = 5.0
 
 
 class StreamRecord:
@@ -72,6 +73,10 @@ class StreamRecord:
     @property
     def live(self) -> bool:
         return self.state == "leased" and not self.settling and not self.consumer.closed
+
+    @property
+    def finished(self) -> bool:
+        return self.state == "gone"
 
     async def due(self, now: float) -> None:
         consumer = self.consumer
@@ -110,6 +115,7 @@ class StreamConsumer:
         self._prefetch = prefetch
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._raw: AbstractChannel | None = None
+        self._acks = Acks()
         self.records: set[StreamRecord] = set()
         self._keys: dict[str, deque[StreamRecord]] = {}
         self._ready: deque[StreamRecord] = deque()
@@ -123,6 +129,7 @@ class StreamConsumer:
         connection = await self._connect()
         self._channel = await connection.channel(publisher_confirms=False)
         self._raw = await self._channel.get_underlay_channel()
+        deliver_inline(self._raw, self._land)  # or _arrive runs, as aiormq's tasks
         try:
             await self._raw.basic_qos(prefetch_count=self._prefetch)
             for queue in self.queues:
@@ -137,7 +144,12 @@ class StreamConsumer:
             raise BrokerError(f"consume {self.ref.name}: {type(exc).__name__}: {exc}") from exc
 
     async def _arrive(self, message: DeliveredMessage) -> None:
+        self._land(message)
+
+    def _land(self, message: DeliveredMessage) -> None:
         record = StreamRecord(self, Incoming(message))
+        if message.channel is self._raw:
+            self._acks.arrived(record.incoming.tag)
         self.records.add(record)
         key = record.incoming.key
         lane = self._keys.get(key) if key is not None else None
@@ -151,13 +163,15 @@ class StreamConsumer:
         self._wake()
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        if not self._changed.is_set():
+            self._changed.set()  # a fetch that waits takes a new event: one per wait
 
     async def fetch(self, limit: int, lease: float, wait: float) -> list[Delivery]:
         deadline = time.monotonic() + wait
         await anyio.lowlevel.checkpoint()
         while True:
+            if self._changed.is_set():
+                self._changed = anyio.Event()
             changed = self._changed
             # no await between leasing and returning: a cancelled fetch keeps no lease
             found = self._take(limit, lease)
@@ -212,14 +226,25 @@ class StreamConsumer:
         self.leases.end(record.token)
         self.requeue(record, front=True)
 
-    async def remove(self, record: StreamRecord) -> None:
-        """Ack a record whose outcome is stored (acked, or dead-lettered), and free its key."""
+    def remove(self, record: StreamRecord) -> None:
+        """A record whose outcome is stored (acked, or dead-lettered): :meth:`ack` it next."""
         self.leases.end(record.token)
         record.state = "gone"
         self.records.discard(record)
-        if not self.closed and self._raw is not None:
-            with anyio.move_on_after(_FRAME_TIMEOUT):  # a dying connection: RabbitMQ requeues
-                await self._raw.basic_ack(record.incoming.tag, wait=False)
+
+    async def ack(self, records: Sequence[StreamRecord]) -> None:
+        """Ack removed records (those leading the channel's unsettled ones in one frame), then
+        free their keys: a key's next record is handed out once the ack is on its way."""
+        try:
+            raw = self._raw
+            if not self.closed and raw is not None:
+                tags = [r.incoming.tag for r in records if r.incoming.message.channel is raw]
+                await self._acks.ack(raw, tags)
+        finally:
+            for record in records:
+                self._free_key(record)
+
+    def _free_key(self, record: StreamRecord) -> None:
         key = record.incoming.key
         lane = self._keys.get(key) if key is not None else None
         if key is None or lane is None:

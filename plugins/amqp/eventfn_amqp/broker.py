@@ -5,8 +5,9 @@ The mapping, in short (the README has it at length, with the known gaps and why)
 - a destination is a topic exchange; a queue or topic subscription is a quorum queue bound to
   it (a group's ``types`` are its binding keys), a stream subscription is one quorum queue per
   partition with ``x-single-active-consumer``;
-- every publish is confirmed; a fetch is a consumer that lives only for that fetch, its prefetch
-  (QoS) set to the fetch's limit, so RabbitMQ never pushes more than the runner asked for;
+- every publish is confirmed; a subscription is consumed while its runner fetches, with a
+  prefetch (QoS) of what the fetches asked for, so RabbitMQ never pushes more than the runner
+  has room for; a settle batch's acks go out as one ``multiple`` ack where that is exact;
 - leases are kept by this object (RabbitMQ has none) and fenced by receipt tokens; a lost
   connection returns everything to the queues, counted in ``x-delivery-count``;
 - delayed retries and delayed publishes wait in delay-bucket queues (per-message TTL) that
@@ -89,7 +90,9 @@ class AmqpBroker(Broker):
 
     URL options: ``namespace`` (prefix of every name, default ``eventfn``), ``delivery_limit``
     (the quorum queues' ``x-delivery-limit``, default 20), ``stream_prefetch`` (records a stream
-    partition may push ahead of its blocked keys, default 256); others go to aio-pika.
+    partition may push ahead of its blocked keys, default 256), ``fetch_linger`` (seconds a
+    queue or topic fetch that has a delivery waits for a full batch, default 0: off); others go
+    to aio-pika.
     """
 
     scheme = "amqp"
@@ -443,6 +446,7 @@ class AmqpBroker(Broker):
                 self._leases,
                 self._owner,
                 self._give_back,
+                self.options.fetch_linger,
             )
         else:
             consumer = StreamConsumer(
@@ -465,8 +469,7 @@ class AmqpBroker(Broker):
             props = properties(incoming.id, incoming.type, headers)
             copies.append(Outgoing("", consumer.queue, incoming.body, props))
         await self._publisher.send(copies)
-        for incoming in unfetched:
-            await consumer.settle_raw(incoming)
+        await consumer.ack(unfetched)
 
     def _held(self, delivery: Delivery) -> Held | None:
         receipt = delivery.receipt
@@ -491,8 +494,20 @@ class AmqpBroker(Broker):
             for _, held in plan:
                 held.settling = False
             raise
+        queues: dict[QueueConsumer, list[Incoming]] = {}
+        streams: dict[StreamConsumer, list[StreamRecord]] = {}
         for settlement, held in plan:
-            await self._finish(settlement, held)
+            if not self._finish(settlement, held):
+                continue
+            if isinstance(held, QueueLease):
+                queues.setdefault(held.consumer, []).append(held.incoming)
+            else:
+                streams.setdefault(held.consumer, []).append(held)
+        # the originals' acks: a frame or so per consumer, not one per message
+        for queue, incomings in queues.items():
+            await queue.ack(incomings)
+        for stream, records in streams.items():
+            await stream.ack(records)
 
     async def _settle_messages(self, plan: list[tuple[Settlement, Held]]) -> list[Outgoing]:
         """What must be stored before the originals are acked: emitted, dead letters, copies."""
@@ -550,21 +565,23 @@ class AmqpBroker(Broker):
         props = properties(incoming.id, incoming.type, headers, expiration=settlement.delay)
         return Outgoing("", bucket, incoming.body, props)
 
-    async def _finish(self, settlement: Settlement, held: Held) -> None:
+    def _finish(self, settlement: Settlement, held: Held) -> bool:
+        """The outcome, as this instance keeps it; True when the original is to be acked."""
         held.settling = False
         if isinstance(held, QueueLease):
             held.ended = True
             self._leases.end(held.token)
-            await held.consumer.settle_raw(held.incoming)
-            return
+            return True
         consumer = held.consumer
         if settlement.outcome in ("ack", "dead"):
-            await consumer.remove(held)
-        elif settlement.outcome == "retry":
+            consumer.remove(held)
+            return True
+        if settlement.outcome == "retry":
             failed_at = settlement.failure.at if settlement.failure else self.clock()
             consumer.retry(held, settlement.delay, failed_at)
         else:
             consumer.release(held)
+        return False
 
     async def extend(self, deliveries: Sequence[Delivery], lease: float) -> None:
         for delivery in deliveries:
