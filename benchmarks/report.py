@@ -32,9 +32,13 @@ def burst_section(doc: dict[str, Any]) -> list[str]:
         f"Measured {doc['when']} on: {machine_line(doc['machine'])}.",
         "",
         "N events are published to a queue before the runner starts; the runner (one process, "
-        "`--burst`, concurrency as shown) drains them. Throughput is N / drain time (median of "
-        "the runs, min-max in brackets); CPU is the runner process's CPU time (its SQLite thread "
-        "included) per event; latency is publish time to handler start (in a pre-published burst "
+        "`--burst`, concurrency as shown) drains them. Throughput is N / drain time, from "
+        "the start of `Runner.run()` to the return of the last handler, as the peers are "
+        "measured (median of the runs, min-max in brackets; `run()` returns a few to a hundred "
+        "ms later, once the last settles are flushed and burst mode has seen the queue empty: "
+        "`exit_seconds` in the JSON); CPU is the runner process's CPU time (its SQLite thread "
+        "included, up to `run()` returning) per event; latency is publish time to handler "
+        "start (in a pre-published burst "
         "it is mostly time spent waiting in the backlog); peak RSS is the runner process's. "
         "Every run checks that every event was handled.",
         "",
