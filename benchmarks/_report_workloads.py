@@ -16,6 +16,12 @@ def _rate(c: dict[str, Any]) -> str:
     return f"{c['throughput']:,.0f} ({c['throughput_min']:,.0f}-{c['throughput_max']:,.0f})"
 
 
+def _cmd(c: dict[str, Any], *extra: str) -> str:
+    size = f"--n {c['n']}" if "n" in c else ""
+    args = " ".join(part for part in (size, *extra, f"--runs {c['runs']}") if part)
+    return f"`python benchmarks/workloads.py {c['workload']} --broker {c['broker']} {args}`"
+
+
 def _ok(c: dict[str, Any]) -> str:
     return "yes" if c.get("verified") else "**no**: " + "; ".join(c.get("problems", []))
 
@@ -49,16 +55,16 @@ def _fanout(cases: list[dict[str, Any]]) -> list[str]:
         "b, c, no-op handlers). Each group must see every id exactly once.",
         "",
         "| broker | N | deliveries/s | events/s | CPU µs/delivery | p99 ms | peak RSS MB "
-        "| runs | ok |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| runs | ok | reproduce |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for c in cases:
         lines.append(
             f"| {c['broker']} | {c['n']:,} | {_rate(c)} | {c['events_per_s']:,.0f} "
             f"| {c['cpu_us_per_delivery']:.1f} | {c['latency']['p99_ms']:,.0f} "
-            f"| {c['peak_rss_mb']:.1f} | {c['runs']} | {_ok(c)} |"
+            f"| {c['peak_rss_mb']:.1f} | {c['runs']} | {_ok(c)} | {_cmd(c)} |"
         )
-    return [*lines, "", "Reproduce: `python benchmarks/workloads.py fanout --broker sqlite`.", ""]
+    return [*lines, ""]
 
 
 def _ordered(cases: list[dict[str, Any]]) -> list[str]:
@@ -73,16 +79,16 @@ def _ordered(cases: list[dict[str, Any]]) -> list[str]:
         "overlap the chance to show).",
         "",
         "| broker | N | records/s | CPU µs/record | p99 ms | order violations | overlaps "
-        "| peak RSS MB | runs | ok |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| peak RSS MB | runs | ok | reproduce |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for c in cases:
         lines.append(
             f"| {c['broker']} | {c['n']:,} | {_rate(c)} | {c['cpu_us_per_event']:.1f} "
             f"| {c['latency']['p99_ms']:,.0f} | {c['order_violations']} | {c['key_overlaps']} "
-            f"| {c['peak_rss_mb']:.1f} | {c['runs']} | {_ok(c)} |"
+            f"| {c['peak_rss_mb']:.1f} | {c['runs']} | {_ok(c)} | {_cmd(c)} |"
         )
-    return [*lines, "", "Reproduce: `python benchmarks/workloads.py ordered --broker nats`.", ""]
+    return [*lines, ""]
 
 
 def _dbwrite(cases: list[dict[str, Any]]) -> list[str]:
@@ -98,8 +104,8 @@ def _dbwrite(cases: list[dict[str, Any]]) -> list[str]:
         "table must end with exactly N rows.",
         "",
         "| broker | limit | N | rows/s | most starts in 1 s | insert p99 ms | CPU µs/event "
-        "| runs | ok |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| runs | ok | reproduce |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for c in cases:
         write = c.get("write") or {}
@@ -107,15 +113,9 @@ def _dbwrite(cases: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {c['broker']} | {c['variant']} | {c['n']:,} | {_rate(c)} "
             f"| {c['max_starts_per_s']:,} | {p99} | {c['cpu_us_per_event']:.0f} "
-            f"| {c['runs']} | {_ok(c)} |"
+            f"| {c['runs']} | {_ok(c)} | {_cmd(c, '--rate ' + (c.get('rate') or 'none'))} |"
         )
-    return [
-        *lines,
-        "",
-        "Reproduce: `python benchmarks/workloads.py dbwrite --broker sqlite postgresql "
-        "--rate 2000/s none`.",
-        "",
-    ]
+    return [*lines, ""]
 
 
 def _steady(cases: list[dict[str, Any]]) -> list[str]:
@@ -135,22 +135,18 @@ def _steady(cases: list[dict[str, Any]]) -> list[str]:
         "![latency CDFs](plots/latency_cdf.png)",
         "",
         "| broker | rate/s | seconds | published/s | p50 ms | p99 ms before spike "
-        "| spike p99 ms | max ms | recovery s | CPU µs/event | peak RSS MB | ok |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| spike p99 ms | max ms | recovery s | CPU µs/event | peak RSS MB | ok | reproduce |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for c in sorted(cases, key=lambda c: (c["rate"], ORDER.index(c["broker"]))):
         recovery = c.get("recovery_s")
         shown = f"{recovery:.0f}" if isinstance(recovery, (int, float)) else "not within the run"
+        steady_args = f"--rate {c['rate']:.0f} --seconds {c['seconds']:.0f}"
         lines.append(
             f"| {c['broker']} | {c['rate']:,.0f} | {c['seconds']:.0f} | {c['publish_rate']:,.0f} "
             f"| {c['pre_spike']['p50_ms']:.1f} | {c['pre_spike']['p99_ms']:.1f} "
             f"| {c['spike_events']['p99_ms']:,.0f} | {c['latency']['max_ms']:,.0f} | {shown} "
-            f"| {c['cpu_us_per_event']:.0f} | {c['peak_rss_mb']:.1f} | {_ok(c)} |"
+            f"| {c['cpu_us_per_event']:.0f} | {c['peak_rss_mb']:.1f} | {_ok(c)} "
+            f"| {_cmd(c, steady_args)} |"
         )
-    return [
-        *lines,
-        "",
-        "Reproduce: `python benchmarks/workloads.py steady --broker sqlite redis --rate 1000 "
-        "5000 --seconds 30`.",
-        "",
-    ]
+    return [*lines, ""]
