@@ -55,41 +55,33 @@ def by_broker(rows: list[dict[str, Any]], x: str, y: str) -> dict[str, tuple[lis
     return lines
 
 
-def throughput_vs_n() -> bool:
+def _burst_vs_n(measure: str, ylabel: str, title: str, name: str) -> bool:
     rows = [c for c in cases("burst") if c["handler"] == "noop"]
     if not rows:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for broker, (xs, ys) in by_broker(rows, "n", "throughput").items():
+    for broker, (xs, ys) in by_broker(rows, "n", measure).items():
         ax.plot(xs, ys, marker="o", label=broker)
     ax.set_xscale("log")
     ax.set_xlabel("events published before the runner starts (N)")
-    ax.set_ylabel("drained events/s (median)")
+    ax.set_ylabel(ylabel)
     ax.yaxis.set_major_formatter(THOUSANDS)
     ax.set_ylim(bottom=0)
-    ax.set_title("Burst drain, no-op handler, one runner, concurrency 64")
+    ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
-    save(fig, "throughput_vs_n")
+    save(fig, name)
     return True
+
+
+def throughput_vs_n() -> bool:
+    title = "Burst drain, no-op handler, one runner, concurrency 64"
+    return _burst_vs_n("throughput", "drained events/s (median)", title, "throughput_vs_n")
 
 
 def rss_vs_n() -> bool:
-    rows = [c for c in cases("burst") if c["handler"] == "noop"]
-    if not rows:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for broker, (xs, ys) in by_broker(rows, "n", "peak_rss_mb").items():
-        ax.plot(xs, ys, marker="o", label=broker)
-    ax.set_xscale("log")
-    ax.set_xlabel("events in the burst (N)")
-    ax.set_ylabel("runner peak RSS (MB)")
-    ax.set_ylim(bottom=0)
-    ax.set_title("Runner memory does not grow with the backlog")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    save(fig, "rss_vs_n")
-    return True
+    title = "Runner memory does not grow with the backlog"
+    return _burst_vs_n("peak_rss_mb", "runner peak RSS (MB)", title, "rss_vs_n")
 
 
 def _cdf(ax: Axes, points: list[list[float]], label: str) -> None:

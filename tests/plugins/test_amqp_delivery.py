@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import AsyncIterator
 
@@ -13,24 +12,14 @@ import pytest
 from aiormq.abc import DeliveredMessage
 from eventfn_amqp._delivery import deliver_inline
 
-URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-
-
-def _reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            return True
-    except OSError:
-        return False
+from tests.conftest import networked_url, require_networked
 
 
 @pytest.fixture
 async def connection() -> AsyncIterator[aio_pika.abc.AbstractConnection]:
-    if not _reachable() and "AMQP_URL" not in os.environ:
-        if os.environ.get("CI") == "true":
-            pytest.fail("no RabbitMQ on 127.0.0.1:5672")
-        pytest.skip("no RabbitMQ on 127.0.0.1:5672")
-    async with await aio_pika.connect(URL) as connection:
+    url = networked_url("amqp")
+    require_networked("amqp", url)
+    async with await aio_pika.connect(url.partition("?")[0]) as connection:
         yield connection
 
 

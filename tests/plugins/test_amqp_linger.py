@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,8 +12,8 @@ from eventfn_amqp._names import parse_url
 
 from eventfn.brokers import Delivery, OutgoingMessage, Settlement, SubscriptionRef, from_url
 from eventfn.exceptions import ConfigurationError
+from tests.conftest import drop, networked_url, require_networked
 
-URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REF = SubscriptionRef(destination="jobs", kind="queue")
 
 
@@ -29,24 +27,13 @@ def test_fetch_linger_is_seconds_from_0_to_1() -> None:
             parse_url(f"amqp://h/?fetch_linger={bad}", "d")
 
 
-def _reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
-async def namespace() -> AsyncIterator[str]:
-    if not _reachable() and "AMQP_URL" not in os.environ:
-        if os.environ.get("CI") == "true":
-            pytest.fail("no RabbitMQ on 127.0.0.1:5672")
-        pytest.skip("no RabbitMQ on 127.0.0.1:5672")
-    name = f"t{uuid.uuid4().hex[:12]}"
-    yield name
-    async with from_url(f"{URL}?namespace={name}") as broker:
-        await broker.drop()
+async def amqp_url() -> AsyncIterator[str]:
+    """A URL with a namespace private to the test, dropped afterwards."""
+    url = networked_url("amqp")
+    require_networked("amqp", url)
+    yield url
+    await drop(url)
 
 
 def _messages(count: int) -> list[OutgoingMessage]:
@@ -56,8 +43,8 @@ def _messages(count: int) -> list[OutgoingMessage]:
     ]
 
 
-async def test_a_lingering_fetch_waits_for_a_full_batch_but_no_longer(namespace: str) -> None:
-    async with from_url(f"{URL}?namespace={namespace}&fetch_linger=0.5") as broker:
+async def test_a_lingering_fetch_waits_for_a_full_batch_but_no_longer(amqp_url: str) -> None:
+    async with from_url(f"{amqp_url}&fetch_linger=0.5") as broker:
         await broker.declare([REF])
         await broker.publish(_messages(1))
 
@@ -78,8 +65,8 @@ async def test_a_lingering_fetch_waits_for_a_full_batch_but_no_longer(namespace:
         await broker.settle([Settlement(delivery=d, outcome="ack") for d in got])
 
 
-async def test_without_linger_a_fetch_returns_what_is_there(namespace: str) -> None:
-    async with from_url(f"{URL}?namespace={namespace}") as broker:
+async def test_without_linger_a_fetch_returns_what_is_there(amqp_url: str) -> None:
+    async with from_url(amqp_url) as broker:
         await broker.declare([REF])
         await broker.publish(_messages(1))
 
