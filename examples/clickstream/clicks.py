@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, closing, contextmanager
 from pathlib import Path
 
 import anyio
@@ -54,21 +54,38 @@ def data_dir() -> Path:
     return Path(os.environ.get("CLICKS_DATA", "clicks-data"))
 
 
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    user_id TEXT, number INTEGER, started REAL, ended REAL, clicks INTEGER,
+    first_seq INTEGER, last_seq INTEGER, PRIMARY KEY (user_id, number));
+CREATE TABLE IF NOT EXISTS views (message_id TEXT PRIMARY KEY, page TEXT);
+"""
+
+
+def prepare_store() -> None:
+    """Create the tables and put the file in WAL mode, once per runner, before any handler.
+
+    Switching the journal mode takes the file's exclusive lock, and SQLite may refuse that at
+    once (without waiting its busy timeout) when other connections are open: done by every
+    handler, the first concurrent ones could fail with "database is locked"."""
+    data_dir().mkdir(parents=True, exist_ok=True)
+    with closing(sqlite3.connect(data_dir() / "clicks.db", timeout=10)) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(SCHEMA)
+
+
+@app.lifespan
+@asynccontextmanager
+async def store(app: eventfn.App) -> AsyncIterator[None]:
+    await anyio.to_thread.run_sync(prepare_store)
+    yield
+
+
 @contextmanager
 def transaction() -> Iterator[sqlite3.Connection]:
-    """One write transaction on the example's store (tables created on first use)."""
-    data_dir().mkdir(parents=True, exist_ok=True)
+    """One write transaction on the example's store (see :func:`prepare_store`)."""
     db = sqlite3.connect(data_dir() / "clicks.db", timeout=10, isolation_level=None)
     try:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.executescript(
-            """
-            CREATE TABLE IF NOT EXISTS sessions (
-                user_id TEXT, number INTEGER, started REAL, ended REAL, clicks INTEGER,
-                first_seq INTEGER, last_seq INTEGER, PRIMARY KEY (user_id, number));
-            CREATE TABLE IF NOT EXISTS views (message_id TEXT PRIMARY KEY, page TEXT);
-            """
-        )
         db.execute("BEGIN IMMEDIATE")  # read and write under one lock: no stale reads
         try:
             yield db
